@@ -1,0 +1,127 @@
+"""Hugging Face checkpoint -> :class:`modegpt_jax.model.Transformer` (and its tokenizer).
+
+Weights are read one tensor at a time and written straight into an abstract (shape-only) model, so the
+checkpoint is never held twice. :func:`load_block` builds a single decoder block the same way: the
+compression pipeline streams the model one layer at a time with it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters.checkpoint import TensorSource, open_checkpoint
+from converters.name_maps import NAME_MAPS, hf_name
+from converters.resolve import resolve_model
+from modegpt_jax.config import ModelConfig
+from modegpt_jax.errors import UserError
+from modegpt_jax.families import config_from_hf
+from modegpt_jax.model import Block, Buffer, Transformer
+from modegpt_jax.rope import kept_pair_frequencies
+
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+def parse_dtype(dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{directory} has no config.json: not a Hugging Face model directory") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+class HFCheckpoint:
+    """A resolved Hugging Face model directory: its configuration and a lazy tensor source."""
+
+    def __init__(self, spec: str | Path):
+        self.directory = resolve_model(str(spec))
+        self.hf_config = read_hf_config(self.directory)
+        self.config: ModelConfig = config_from_hf(self.hf_config)
+        self.name_map = NAME_MAPS[self.config.model_type]
+        self._source: TensorSource | None = None
+
+    @property
+    def source(self) -> TensorSource:
+        if self._source is None:
+            self._source = open_checkpoint(self.directory)
+            self._names = set(self._source.names())
+        return self._source
+
+    def tensor(self, path: tuple, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        """Our parameter at ``path``, read from the checkpoint, transposed and cast."""
+        name, transpose = hf_name(self.name_map, path)
+        source = self.source
+        if name not in self._names and name.removeprefix("model.") in self._names:
+            name = name.removeprefix("model.")  # some checkpoints (OPT on the hub) omit the prefix
+        if name not in self._names:
+            raise UserError(
+                f"checkpoint {self.directory} lacks the tensor {name!r} "
+                f"(is it really a {self.config.model_type} checkpoint?)"
+            )
+        array = source.get(name)
+        if transpose:
+            array = array.T
+        if tuple(array.shape) != tuple(shape):
+            raise UserError(
+                f"tensor {name!r} has shape {tuple(array.shape)}, the configuration implies {tuple(shape)}"
+            )
+        return jnp.asarray(np.ascontiguousarray(array), dtype=dtype)
+
+    def fill(self, module: nnx.Module, prefix: tuple = ()) -> None:
+        """Replace every parameter of an (abstract) module by the checkpoint's tensor, and set buffers."""
+        params, buffers = nnx.state(module, nnx.Param, Buffer)
+        for path, var in nnx.to_flat_state(params):
+            var.set_value(self.tensor(prefix + tuple(path), var.shape, var.dtype))
+        for path, var in nnx.to_flat_state(buffers):
+            full = prefix + tuple(path)
+            layer = int(full[full.index("layers") + 1])
+            var.set_value(jnp.asarray(kept_pair_frequencies(self.config, self.config.layers[layer])))
+        nnx.update(module, params, buffers)
+
+    def load_model(self, dtype: Any = jnp.float32) -> Transformer:
+        dtype = parse_dtype(dtype)
+        cfg = self.config
+        model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+        self.fill(model)
+        return model
+
+    def load_block(self, layer: int, dtype: Any = jnp.float32) -> Block:
+        """Decoder block ``layer`` alone, for streaming one layer at a time."""
+        dtype = parse_dtype(dtype)
+        cfg = self.config
+        block = nnx.eval_shape(lambda: Block(cfg, cfg.layers[layer], dtype=dtype, rngs=nnx.Rngs(0)))
+        self.fill(block, ("layers", layer))
+        return block
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.directory)
+        except Exception as e:
+            raise UserError(f"cannot load a tokenizer from {self.directory}: {e}") from None
+
+
+def load_model(spec: str | Path, dtype: Any = jnp.float32) -> Transformer:
+    """Our Flax model of a Hugging Face checkpoint (directory, .gguf, hub id or embedded name)."""
+    return HFCheckpoint(spec).load_model(dtype)
+
+
+def load_tokenizer(spec: str | Path):
+    return HFCheckpoint(spec).load_tokenizer()

@@ -1,0 +1,235 @@
+"""The Flax NNX decoder: one implementation for Llama 2/3, Mistral, Qwen2 and pre-LayerNorm OPT.
+
+Weights are stored ``[in, out]`` (``y = x @ W``). Every block takes its widths from its own
+:class:`~modegpt_jax.config.LayerSpec`, so the dense model and a compressed one are the same code:
+
+- attention: ``q_proj [d, H*qk]``, ``k_proj [d, G*qk]``, ``v_proj [d, G*vo]``, ``o_proj [H*vo, d]``;
+  RoPE frequencies per KV group are a buffer ``rope_freqs [G, qk/2]`` (the kept pairs' original frequencies);
+  the softmax scale is ``1/sqrt(head_dim)`` of the original model, whatever ``qk`` is.
+- MLP: ``up [d, w]`` (and ``gate [d, w]`` for gated families), ``down [w, d]``.
+
+Blocks run through one jitted function, cached per block shape, so the 30 identical blocks of a dense
+model compile once, and the layer-by-layer compression pipeline reuses the same code path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from modegpt_jax.config import LayerSpec, ModelConfig
+from modegpt_jax.rope import apply_rope, kept_pair_frequencies, rope_tables
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array that belongs to the model (RoPE frequencies of the kept pairs)."""
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: Any, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class Norm(nnx.Module):
+    """RMSNorm (Llama family) or LayerNorm (OPT), computed in float32 like the reference models."""
+
+    def __init__(self, d: int, *, kind: str, eps: float, dtype: Any):
+        self.kind, self.eps = kind, eps
+        self.weight = nnx.Param(jnp.ones((d,), dtype))
+        self.bias = nnx.Param(jnp.zeros((d,), dtype)) if kind == "layer" else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        if self.kind == "rms":
+            y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+            return self.weight[...] * y.astype(x.dtype)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, dtype: Any, rngs: nnx.Rngs):
+        d, H, G = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
+        self.num_heads, self.num_kv_heads = H, G
+        self.qk_dim, self.vo_dim = spec.qk_dim, spec.vo_dim
+        self.scale = cfg.head_dim**-0.5  # original head_dim: compression never changes the softmax scale
+        self.sliding_window = spec.sliding_window
+        self.q_proj = Linear(d, H * spec.qk_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, G * spec.qk_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, G * spec.vo_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(H * spec.vo_dim, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        # Frequencies of the kept pairs, gathered once here rather than on every call.
+        self.rope_freqs = Buffer(jnp.asarray(kept_pair_frequencies(cfg, spec))) if cfg.use_rope else None
+
+    def project_qk(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Pre-RoPE queries [B, T, H, qk] and keys [B, T, G, qk]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.qk_dim)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.qk_dim)
+        return q, k
+
+    def mask(self, T: int, attention_mask: jax.Array | None) -> jax.Array:
+        """Boolean [B or 1, 1, 1, T, T]: causal, optionally windowed, optionally with padded keys removed."""
+        i = jnp.arange(T)[:, None]
+        j = jnp.arange(T)[None, :]
+        allowed = j <= i
+        if self.sliding_window is not None:
+            allowed &= j > i - self.sliding_window
+        allowed = allowed[None, None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.astype(bool)[:, None, None, None, :]
+        return allowed
+
+    def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+        B, T, _ = x.shape
+        G, n = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        q, k = self.project_qk(x)
+        v = self.v_proj(x).reshape(B, T, G, self.vo_dim)
+        q = q.reshape(B, T, G, n, self.qk_dim)
+        if self.rope_freqs is not None:
+            cos, sin = rope_tables(positions, self.rope_freqs[...])
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scores = jnp.einsum("btgnd,bsgd->bgnts", q, k).astype(jnp.float32) * self.scale
+        scores = jnp.where(self.mask(T, attention_mask), scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bgnts,bsgd->btgnd", probs, v).reshape(B, T, self.num_heads * self.vo_dim)
+        return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, dtype: Any, rngs: nnx.Rngs):
+        d, w = cfg.hidden_size, spec.mlp_width
+        self.act = ACTIVATIONS[cfg.activation]
+        self.gate_proj = Linear(d, w, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs) if cfg.gated_mlp else None
+        self.up_proj = Linear(d, w, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(w, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def intermediate(self, x: jax.Array) -> jax.Array:
+        """The down projection's input: act(x W_G) * (x W_U), or act(x W_U + b) for OPT."""
+        if self.gate_proj is None:
+            return self.act(self.up_proj(x))
+        return self.act(self.gate_proj(x)) * self.up_proj(x)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.intermediate(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, dtype: Any, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype)
+        self.attn = Attention(cfg, spec, dtype=dtype, rngs=rngs)
+        self.mlp_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, spec, dtype=dtype, rngs=rngs)
+
+    def __call__(self, h: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        h = h + self.attn(self.attn_norm(h), positions, attention_mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_block(graphdef, state, h, positions, attention_mask):
+    return nnx.merge(graphdef, state)(h, positions, attention_mask)
+
+
+def run_block(block: Block, h: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None):
+    """One block, jitted; compiled once per (block shapes, input shapes)."""
+    graphdef, state = nnx.split(block)
+    return _run_block(graphdef, state, h, positions, attention_mask)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only causal language model. ``__call__(tokens) -> float32 logits [B, T, vocab]``."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
+        cfg.validate()
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.embed_positions = (
+            nnx.Param(_normal(rngs, (cfg.learned_positions, cfg.hidden_size), dtype))
+            if cfg.learned_positions
+            else None
+        )
+        self.layers = nnx.List([Block(cfg, spec, dtype=dtype, rngs=rngs) for spec in cfg.layers])
+        self.final_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+
+    # The three stages are separate so the pipeline can stream hidden states block by block.
+    def positions(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Position ids [B, T]: 0..T-1, or for learned positions (OPT) counted over non-padding tokens."""
+        B, T = tokens.shape
+        if attention_mask is not None and self.embed_positions is not None:
+            m = attention_mask.astype(jnp.int32)
+            return jnp.cumsum(m, axis=1) * m - 1
+        return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        h = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        if self.embed_positions is not None:
+            h = h + jnp.take(self.embed_positions[...], positions + self.config.position_offset, axis=0)
+        return h
+
+    def head(self, h: jax.Array) -> jax.Array:
+        h = self.final_norm(h)
+        if self.lm_head is None:
+            logits = h @ self.embed_tokens[...].T
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        tokens = jnp.asarray(tokens)
+        positions = self.positions(tokens, attention_mask)
+        h = _embed(self, tokens, positions)
+        for block in self.layers:
+            h = run_block(block, h, positions, attention_mask)
+        return _head(self, h)
+
+
+@nnx.jit
+def _embed(model: Transformer, tokens, positions):
+    return model.embed(tokens, positions)
+
+
+@nnx.jit
+def _head(model: Transformer, h):
+    return model.head(h)
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in the nnx.Param leaves of a model or module (buffers excluded)."""
+    state = nnx.state(tree, nnx.Param)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

@@ -1,0 +1,69 @@
+"""Tiny random Hugging Face models, one per supported family and feature, saved for import tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 128
+
+# name -> (config class name, config kwargs); small enough to build and run in well under a second.
+TINY_CONFIGS = {
+    "llama_gqa_untied": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama_tied": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama3_rope_scaling": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=512,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama_attention_bias": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True, mlp_bias=True, head_dim=24)),
+    "mistral_sliding_window": ("MistralConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=5)),
+    "qwen2": ("Qwen2Config", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)),
+    "opt": ("OPTConfig", dict(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=64, do_layer_norm_before=True)),
+}
+
+
+def make_hf_model(name: str, seed: int = 0):
+    """A random ``transformers`` model of the named tiny configuration, in eval mode (fp32)."""
+    import torch
+    import transformers
+
+    cls_name, kwargs = TINY_CONFIGS[name]
+    config = getattr(transformers, cls_name)(vocab_size=VOCAB, **kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        # Non-trivial norms and biases, so a parameter loaded in the wrong place changes the logits.
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_hf_model(model, directory: Path, **kwargs) -> Path:
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def random_tokens(batch: int = 2, length: int = 19, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length))
