@@ -98,18 +98,25 @@ def gguf_to_safetensors(gguf: Path) -> Path:
         raise UserError("reading .gguf checkpoints needs the torch extra: pip install 'modegpt-jax[torch]'") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    os.chmod(tmp, 0o755)
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except Exception as e:
             raise UserError(f"cannot read the GGUF checkpoint {gguf}: {e}") from None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        # The saved weights are plain fp32: the GGUF quantisation record must not follow them.
-        config = json.loads((tmp / "config.json").read_text())
+        # A GGUF-loaded model refuses save_pretrained, so the (now fp32) tensors and config are written directly;
+        # the GGUF quantisation record must not follow them.
+        from safetensors.torch import save_file
+
+        config = model.config.to_dict()
         config.pop("quantization_config", None)
+        state = model.state_dict()
+        if config.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(tmp)
         try:
             tmp.rename(out)
         except OSError:  # another process converted it first

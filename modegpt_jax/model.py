@@ -211,12 +211,17 @@ class Transformer(nnx.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        tokens = jnp.asarray(tokens)
-        positions = self.positions(tokens, attention_mask)
-        h = _embed(self, tokens, positions)
-        for block in self.layers:
-            h = run_block(block, h, positions, attention_mask)
-        return _head(self, h)
+        return _head(self, hidden_states(self, tokens, attention_mask))
+
+
+def hidden_states(model: Transformer, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """The residual stream after the last block (before the final norm), block by block."""
+    tokens = jnp.asarray(tokens)
+    positions = model.positions(tokens, attention_mask)
+    h = _embed(model, tokens, positions)
+    for block in model.layers:
+        h = run_block(block, h, positions, attention_mask)
+    return h
 
 
 @nnx.jit

