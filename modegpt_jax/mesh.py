@@ -1,0 +1,166 @@
+"""Device mesh for the whole project, and moving host arrays onto it.
+
+Every mesh has the same two axes, in this order:
+
+- ``"data"``: calibration rows (the batch dimension) are split over it; statistics are summed over it.
+- ``"model"``: optional model parallelism, e.g. sharding a large ``d x d`` statistic along one dimension.
+
+Both axes always exist (unused ones have size 1), so a ``PartitionSpec`` naming either axis is valid on any mesh.
+The ``"model"`` axis is the inner one: the devices of one model group are neighbours in ``jax.devices()`` order,
+which on a multi-host run keeps them on one host.
+
+The same code runs on 1 CPU, on ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` simulated devices, on a
+GPU box and, after ``jax.distributed.initialize()``, on many processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from modegpt_jax.errors import UserError
+
+DATA = "data"
+MODEL = "model"
+AXES = (DATA, MODEL)
+
+__all__ = [
+    "AXES",
+    "DATA",
+    "MODEL",
+    "batch_sharding",
+    "make_mesh",
+    "parse_mesh_spec",
+    "replicate",
+    "replicated",
+    "shard_batch",
+]
+
+
+def parse_mesh_spec(spec: str | None, device_count: int) -> dict[str, int]:
+    """Parse ``"data=4,model=2"`` into ``{"data": 4, "model": 2}`` for ``device_count`` devices.
+
+    ``None`` or an empty string means every device on ``"data"``. An axis that is not named has size 1.
+    Raises ``UserError`` for an unknown or repeated axis name, a size that is not a positive integer, or sizes
+    whose product is not ``device_count``.
+    """
+    example = f"e.g. --mesh data={device_count}"
+    if spec is None or not spec.strip():
+        return {DATA: device_count, MODEL: 1}
+    sizes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or not name:
+            raise UserError(f"mesh spec {spec!r}: {part.strip()!r} is not AXIS=SIZE; write it like {example}")
+        if name not in AXES:
+            raise UserError(
+                f"mesh spec {spec!r}: unknown axis {name!r}; the axes are {', '.join(AXES)} ({example})"
+            )
+        if name in sizes:
+            raise UserError(f"mesh spec {spec!r}: axis {name!r} is given twice; name each axis once ({example})")
+        size = int(value) if value.isdecimal() else 0
+        if size < 1:
+            raise UserError(
+                f"mesh spec {spec!r}: size {value!r} of axis {name!r} must be a positive integer ({example})"
+            )
+        sizes[name] = size
+    shape = {axis: sizes.get(axis, 1) for axis in AXES}
+    if math.prod(shape.values()) != device_count:
+        got = " x ".join(f"{a}={s}" for a, s in shape.items())
+        raise UserError(
+            f"mesh spec {spec!r} uses {math.prod(shape.values())} devices ({got}) but {device_count} are available; "
+            f"make the sizes multiply to {device_count} ({example})"
+        )
+    return shape
+
+
+def make_mesh(spec: str | None = None, devices=None) -> Mesh:
+    """Build the project's ``("data", "model")`` mesh from a spec string such as ``"data=4,model=2"``.
+
+    Args:
+      spec: ``None`` (or ``""``) puts every device on ``"data"`` with ``"model"`` of size 1.
+      devices: devices to use; default ``jax.devices()``, i.e. every process's devices in a multi-process run.
+
+    Returns:
+      A ``Mesh`` with axis names ``("data", "model")`` and ``Auto`` axis types, so sharding is propagated by the
+      compiler from ``jit`` in/out shardings and ``with_sharding_constraint`` (jax 0.10's ``jax.make_mesh``
+      defaults to ``Explicit`` axes, which would make sharding part of every array's type).
+
+    Raises:
+      UserError: the spec is malformed or does not use exactly all the devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = parse_mesh_spec(spec, len(devices))
+    # jax.make_mesh silently drops devices when the product is smaller; parse_mesh_spec already refused that.
+    return jax.make_mesh(
+        tuple(shape[a] for a in AXES),
+        AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+        devices=devices,
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Sharding of an ``ndim``-dimensional array split over ``"data"`` along ``batch_axis``, replicated elsewhere."""
+    spec = [None] * ndim
+    spec[batch_axis] = DATA
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of an array held whole by every device of ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
+def _local_data_shards(mesh: Mesh) -> int:
+    """How many distinct ``"data"`` positions this process's devices cover."""
+    data_dim = mesh.axis_names.index(DATA)
+    local = {d.id for d in jax.local_devices()}
+    rows = {idx[data_dim] for idx, d in np.ndenumerate(mesh.devices) if d.id in local}
+    return len(rows)
+
+
+def shard_batch(local_rows, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+    """Place this process's rows on ``mesh``, split over ``"data"`` along ``batch_axis``.
+
+    In a single-process run ``local_rows`` is the whole batch. In a multi-process run every process passes its
+    own, equally sized slice of rows (``[B / process_count, ...]``); the result is one global array of
+    ``B`` rows whose order is process 0's rows, then process 1's, and so on.
+
+    Args:
+      local_rows: host array (NumPy or anything ``np.asarray`` accepts) ``[B_local, ...]``.
+      mesh: a mesh from ``make_mesh``.
+      batch_axis: which dimension holds the rows.
+
+    Returns:
+      A global ``jax.Array`` ``[B_local * process_count, ...]`` sharded ``P(..., "data", ...)``.
+
+    Raises:
+      UserError: the rows cannot be split evenly over this process's ``"data"`` positions, or the mesh puts
+        one ``"data"`` position on several processes (its ``"model"`` group spans hosts).
+    """
+    local_rows = np.asarray(local_rows)
+    shards = _local_data_shards(mesh)
+    if shards * jax.process_count() != mesh.shape[DATA]:
+        raise UserError(
+            f"the mesh's model axis ({mesh.shape[MODEL]}) spans processes, so processes cannot feed separate rows; "
+            f"choose a model size that divides the {jax.local_device_count()} devices of one process"
+        )
+    rows = local_rows.shape[batch_axis]
+    if rows % shards:
+        per_process = "" if jax.process_count() == 1 else " per process"
+        raise UserError(
+            f"a batch of {rows} rows{per_process} cannot be split evenly over {shards} data shards; "
+            f"use a batch size{per_process} that is a multiple of {shards}"
+        )
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, local_rows.ndim, batch_axis), local_rows)
+
+
+def replicate(value, mesh: Mesh) -> jax.Array:
+    """Put a host array, identical on every process, whole onto every device of ``mesh``."""
+    value = np.asarray(value)
+    # make_array_from_callback works for non-addressable devices too; each process fills only its own devices.
+    return jax.make_array_from_callback(value.shape, replicated(mesh), lambda index: value[index])
