@@ -49,7 +49,8 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
 class HFCheckpoint:
     """A resolved Hugging Face model directory: its configuration and a lazy tensor source."""
 
-    def __init__(self, spec: str | Path):
+    def __init__(self, spec: str | Path, dtype: Any = jnp.float32):
+        self.dtype = parse_dtype(dtype)
         self.directory = resolve_model(str(spec))
         self.hf_config = read_hf_config(self.directory)
         self.config: ModelConfig = config_from_hf(self.hf_config)
@@ -83,27 +84,42 @@ class HFCheckpoint:
             )
         return jnp.asarray(np.ascontiguousarray(array), dtype=dtype)
 
-    def fill(self, module: nnx.Module, prefix: tuple = ()) -> None:
-        """Replace every parameter of an (abstract) module by the checkpoint's tensor, and set buffers."""
+    def fill(self, module: nnx.Module, prefix: tuple = (), *, skip_layers: bool = False) -> None:
+        """Replace every parameter of an (abstract) module by the checkpoint's tensor, and set buffers.
+
+        ``skip_layers`` leaves the decoder blocks abstract (the compression pipeline fills them one by one).
+        """
         params, buffers = nnx.state(module, nnx.Param, Buffer)
         for path, var in nnx.to_flat_state(params):
+            if skip_layers and path[0] == "layers":
+                continue
             var.set_value(self.tensor(prefix + tuple(path), var.shape, var.dtype))
         for path, var in nnx.to_flat_state(buffers):
+            if skip_layers:
+                break
             full = prefix + tuple(path)
             layer = int(full[full.index("layers") + 1])
             var.set_value(jnp.asarray(kept_pair_frequencies(self.config, self.config.layers[layer])))
         nnx.update(module, params, buffers)
 
-    def load_model(self, dtype: Any = jnp.float32) -> Transformer:
-        dtype = parse_dtype(dtype)
+    def load_model(self, dtype: Any = None) -> Transformer:
+        dtype = self.dtype if dtype is None else parse_dtype(dtype)
         cfg = self.config
         model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
         self.fill(model)
         return model
 
-    def load_block(self, layer: int, dtype: Any = jnp.float32) -> Block:
+    def load_shell(self, cfg: ModelConfig, dtype: Any = None) -> Transformer:
+        """A model of configuration ``cfg`` (same family, any per-layer widths) whose embeddings, final norm
+        and head come from the checkpoint and whose blocks are still abstract (shapes only, no memory)."""
+        dtype = self.dtype if dtype is None else parse_dtype(dtype)
+        model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+        self.fill(model, skip_layers=True)
+        return model
+
+    def load_block(self, layer: int, dtype: Any = None) -> Block:
         """Decoder block ``layer`` alone, for streaming one layer at a time."""
-        dtype = parse_dtype(dtype)
+        dtype = self.dtype if dtype is None else parse_dtype(dtype)
         cfg = self.config
         block = nnx.eval_shape(lambda: Block(cfg, cfg.layers[layer], dtype=dtype, rngs=nnx.Rngs(0)))
         self.fill(block, ("layers", layer))

@@ -54,6 +54,70 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: str, overwrite: bool) -> Path:
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--output {out} exists and is not empty: choose another directory or pass --overwrite")
+    return out
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    if args.coordinator is None:
+        return
+    import jax
+
+    if jax.default_backend() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import jax
+
+    from converters.hf_export import save_model
+    from converters.hf_import import HFCheckpoint
+    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.mesh import make_mesh
+    from modegpt_jax.pipeline import CompressionSettings, compress
+
+    tuned = {k: v for k, v in (("allocation_eps", args.allocation_eps), ("max_sparsity", args.max_sparsity))
+             if v is not None}
+    settings = CompressionSettings(
+        ratio=args.ratio, allocation=args.allocation, width_multiple=args.width_multiple,
+        batch_size=args.batch_size, bi_samples=args.bi_samples, **tuned,
+    )
+    settings.validate()
+    out = _check_output(args.output, args.overwrite)
+    _init_distributed(args)
+    mesh = make_mesh(args.mesh)
+    start = time.perf_counter()
+    checkpoint = HFCheckpoint(args.model, dtype=args.dtype)
+    tokenizer = checkpoint.load_tokenizer()
+    t = time.perf_counter()
+    windows = calibration_windows(tokenizer, args.calib_data, args.calib_samples, args.calib_seqlen, args.seed)
+    # Every process draws the same windows (same seed) and keeps its own share of the rows.
+    windows = windows[jax.process_index() :: jax.process_count()]
+    calib_seconds = time.perf_counter() - t
+    model, report = compress(checkpoint, windows, settings, mesh=mesh)
+    report["timings_seconds"]["calibration_data"] = round(calib_seconds, 3)
+    report["model"] = args.model
+    report["calibration"].update(source=args.calib_data, seed=args.seed)
+    if jax.process_index() == 0:
+        report["timings_seconds"]["wall"] = round(time.perf_counter() - start, 3)
+        save_model(model, out, base_hf_config=checkpoint.hf_config, tokenizer_dir=checkpoint.directory,
+                   extra_files={"report.json": json.dumps(report, indent=2) + "\n"},
+                   modegpt_info={"method": "MoDeGPT", "target_ratio": args.ratio})
+        print(
+            f"compressed {args.model}: decoder blocks -{report['achieved_block_ratio']:.1%} "
+            f"(target {args.ratio:.0%}), whole model -{report['achieved_total_ratio']:.1%}, "
+            f"{report['params_before']:,} -> {report['params_after']:,} parameters, "
+            f"{report['timings_seconds']['wall']:.1f} s; written to {out}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modegpt",
@@ -71,6 +135,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     ev.set_defaults(func=cmd_eval)
+
+    co = sub.add_parser("compress", help="compress a model with MoDeGPT and write it to --output")
+    co.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"model directory, .gguf file, hub id or embedded name (default: {DEFAULT_MODEL})")
+    co.add_argument("--ratio", type=float, required=True,
+                    help="fraction of decoder-block parameters to remove, in (0, 1)")
+    co.add_argument("--output", required=True, help="directory for the compressed model and report.json")
+    co.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    co.add_argument("--calib-data", default="wikipedia",
+                    help="wikipedia (embedded calibration split), a .txt/.jsonl/.parquet file, "
+                         "or wikitext2, c4, ptb, alpaca (default: wikipedia)")
+    co.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default: 64)")
+    co.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default: 512)")
+    co.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
+    co.add_argument("--allocation", default="bi", choices=["bi", "uniform"],
+                    help="per-layer sparsity: block influence (bi, default) or the same everywhere")
+    co.add_argument("--allocation-eps", type=float, default=None, help="softmax temperature of the BI allocation")
+    co.add_argument("--max-sparsity", type=float, default=None, help="largest sparsity of any one layer")
+    co.add_argument("--width-multiple", type=int, default=1, help="round kept widths to a multiple of this")
+    co.add_argument("--bi-samples", type=int, default=None,
+                    help="calibration windows used for block influence (default: all)")
+    co.add_argument("--batch-size", type=int, default=8, help="calibration windows per step (default: 8)")
+    co.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    co.add_argument("--mesh", default=None,
+                    help="device mesh, e.g. data=8 or data=4,model=2 (default: every device on data)")
+    co.add_argument("--coordinator", default=None,
+                    help="multi-host: coordinator address host:port for jax.distributed.initialize")
+    co.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    co.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    co.set_defaults(func=cmd_compress)
     return parser
 
 
