@@ -1,0 +1,111 @@
+"""Compression benchmark: wall time of each phase against one plain forward pass over the same tokens.
+
+    python benchmarks/compress.py [--model smollm2-135m] [--ratio 0.3] [--calib-samples 64] [--calib-seqlen 512]
+                                  [--json benchmarks/results/compress.json]
+
+Prints a table and writes JSON. Peak resident memory is measured in separate child processes, one for the plain
+forward pass and one for the compression, so neither inflates the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import time
+from pathlib import Path
+
+
+def _forward(args, queue):
+    import jax
+    import numpy as np
+
+    from converters.hf_import import HFCheckpoint
+    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.mesh import make_mesh, shard_batch
+    from modegpt_jax.model import run_block
+    from modegpt_jax.pipeline import _embed
+
+    ckpt = HFCheckpoint(args.model)
+    tokens = calibration_windows(ckpt.load_tokenizer(), "wikipedia", args.calib_samples, args.calib_seqlen, 0)
+    mesh = make_mesh(None)
+    start = time.perf_counter()
+    shell = ckpt.load_shell(ckpt.config)
+    pos = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), (args.batch_size, tokens.shape[1]))
+    posj = shard_batch(pos, mesh)
+    hs = [_embed(shell, shard_batch(tokens[i : i + args.batch_size], mesh), posj)
+          for i in range(0, len(tokens), args.batch_size)]
+    for layer in range(ckpt.config.num_layers):  # streamed, like the pipeline: one block resident
+        block = ckpt.load_block(layer)
+        hs = [run_block(block, h, posj) for h in hs]
+    jax.block_until_ready(hs)
+    seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "tokens": int(tokens.size),
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def _compress(args, queue):
+    from converters.hf_import import HFCheckpoint
+    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.pipeline import CompressionSettings, compress
+
+    ckpt = HFCheckpoint(args.model)
+    tokens = calibration_windows(ckpt.load_tokenizer(), "wikipedia", args.calib_samples, args.calib_seqlen, 0)
+    start = time.perf_counter()
+    _, report = compress(ckpt, tokens, CompressionSettings(ratio=args.ratio, batch_size=args.batch_size),
+                         progress=False)
+    queue.put({"seconds": time.perf_counter() - start, "tokens": int(tokens.size),
+               "phases": report["timings_seconds"], "achieved_block_ratio": report["achieved_block_ratio"],
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def _run(target, args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", default="benchmarks/results/compress.json")
+    args = parser.parse_args()
+
+    # Warm the converted-checkpoint cache so neither measurement pays for the GGUF conversion.
+    from converters.hf_import import HFCheckpoint
+
+    HFCheckpoint(args.model)
+    forward = _run(_forward, args)
+    comp = _run(_compress, args)
+    rows = [
+        ("plain forward pass (streamed)", forward["seconds"], forward["tokens"] / forward["seconds"],
+         forward["peak_rss_mib"]),
+        ("MoDeGPT compression (all phases)", comp["seconds"], comp["tokens"] / comp["seconds"], comp["peak_rss_mib"]),
+    ]
+    print(f"{args.model}, ratio {args.ratio}, {args.calib_samples} x {args.calib_seqlen} calibration tokens, "
+          f"{platform.machine()} with {__import__('os').cpu_count()} CPUs")
+    print(f"{'':36} {'seconds':>9} {'tokens/s':>10} {'peak RSS MiB':>13}")
+    for name, sec, tps, rss in rows:
+        print(f"{name:36} {sec:9.1f} {tps:10.0f} {rss:13.0f}")
+    for phase, sec in comp["phases"].items():
+        print(f"  phase {phase:28} {sec:9.1f}")
+    print(f"compression / forward: {comp['seconds'] / forward['seconds']:.2f}x")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "forward": forward, "compress": comp,
+                               "ratio_to_forward": comp["seconds"] / forward["seconds"]}, indent=2) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
