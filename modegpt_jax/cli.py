@@ -82,11 +82,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from modegpt_jax.mesh import make_mesh
     from modegpt_jax.pipeline import CompressionSettings, compress
 
-    tuned = {k: v for k, v in (("allocation_eps", args.allocation_eps), ("max_sparsity", args.max_sparsity))
-             if v is not None}
+    tuned = {k: v for k, v in (("allocation_eps", args.allocation_eps), ("max_sparsity", args.max_sparsity),
+                               ("bi_samples", args.bi_samples)) if v is not None}
     settings = CompressionSettings(
         ratio=args.ratio, allocation=args.allocation, width_multiple=args.width_multiple,
-        batch_size=args.batch_size, bi_samples=args.bi_samples, **tuned,
+        batch_size=args.batch_size, **tuned,
     )
     settings.validate()
     out = _check_output(args.output, args.overwrite)
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--max-sparsity", type=float, default=None, help="largest sparsity of any one layer")
     co.add_argument("--width-multiple", type=int, default=1, help="round kept widths to a multiple of this")
     co.add_argument("--bi-samples", type=int, default=None,
-                    help="calibration windows used for block influence (default: all)")
+                    help="calibration windows used for block influence (default: 16)")
     co.add_argument("--batch-size", type=int, default=8, help="calibration windows per step (default: 8)")
     co.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     co.add_argument("--mesh", default=None,
