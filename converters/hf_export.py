@@ -1,8 +1,10 @@
 """Flax model -> Hugging Face style directory (safetensors + config.json + tokenizer).
 
-A compressed model is written in the base family's layout and tensor names, with its per-layer widths
-recorded under the ``"modegpt"`` key of ``config.json`` (kept RoPE pair indices included), so
-:mod:`converters.hf_import` reads it back exactly. The directory is written aside and renamed into place:
+Tensors keep the base family's Hugging Face names. A compressed model whose shapes a stock architecture can
+hold (one MLP width everywhere, attention untouched) is written as that architecture; any other is written with
+``model_type: "modegpt"`` and the PyTorch configuration/modeling files it needs (``converters/remote_code``),
+registered through ``auto_map``, so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads
+it. :mod:`converters.hf_import` reads either back exactly. The directory is written aside and renamed into place:
 it appears complete or not at all.
 """
 
@@ -20,7 +22,15 @@ from flax import nnx
 
 from converters.name_maps import NAME_MAPS, hf_name
 from modegpt_jax.errors import UserError
+from modegpt_jax.config import ModelConfig
+from modegpt_jax.families import config_from_hf
 from modegpt_jax.model import Transformer
+from modegpt_jax.rope import kept_pair_frequencies
+
+REMOTE_CODE = Path(__file__).parent / "remote_code"
+STOCK_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM",
+}
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -39,20 +49,55 @@ def hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
     return out
 
 
+def _stock_width(cfg: ModelConfig) -> int | None:
+    """The single MLP width when the compressed model is a stock architecture of its family, else None."""
+    widths = {spec.mlp_width for spec in cfg.layers}
+    stock_attention = all(
+        spec.qk_dim == cfg.head_dim and spec.vo_dim == cfg.head_dim and spec.rope_pairs is None
+        for spec in cfg.layers
+    )
+    return widths.pop() if len(widths) == 1 and stock_attention else None
+
+
 def export_config(model: Transformer, base_hf_config: dict[str, Any], extra: dict[str, Any] | None = None) -> dict:
-    """The base ``config.json`` plus, for a compressed model, its per-layer widths."""
+    """``config.json``: the stock family config where the shapes allow it, else the remote-code architecture.
+
+    The remote-code config records every per-layer width and, per KV group, the kept RoPE pairs and their
+    original frequencies; ``modegpt`` is the same description that :mod:`modegpt_jax.config` uses.
+    """
     cfg = model.config
-    config = dict(base_hf_config)
-    config.pop("quantization_config", None)
-    config["dtype"] = str(model.dtype)
-    if not cfg.is_dense:
-        config["modegpt"] = {
-            "layers": [spec.to_dict() for spec in cfg.layers],
-            # Folding the value bias (OPT, Qwen2) gives the output projection a bias the base may not have.
-            "o_bias": cfg.o_bias,
-            **(extra or {}),
-        }
-    return config
+    if base_hf_config.get("model_type") == "modegpt":  # compressing an export again: start from its base
+        base_hf_config = base_hf_config["base_config"]
+    base = {k: v for k, v in base_hf_config.items() if k not in ("quantization_config", "auto_map", "architectures")}
+    base["dtype"] = str(model.dtype)
+    width = _stock_width(cfg)
+    if width is not None and cfg.o_bias == config_from_hf(base_hf_config).o_bias:
+        key = "ffn_dim" if cfg.model_type == "opt" else "intermediate_size"
+        return {**base, key: width, "architectures": [STOCK_ARCHITECTURES[cfg.model_type]]}
+    description = cfg.to_dict()
+    for spec, layer in zip(cfg.layers, description["layers"]):
+        if cfg.use_rope:
+            layer["rope_frequencies"] = kept_pair_frequencies(cfg, spec).tolist()
+    return {
+        "model_type": "modegpt",
+        "architectures": ["ModeGPTForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_modegpt.ModeGPTConfig",
+            "AutoModelForCausalLM": "modeling_modegpt.ModeGPTForCausalLM",
+        },
+        "base_model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        **{k: base[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "dtype") if k in base},
+        "modegpt": description,
+        "compression": extra or {},
+        "base_config": base,
+    }
 
 
 def save_model(model: Transformer, out_dir: str | Path, *, base_hf_config: dict[str, Any],
@@ -69,6 +114,9 @@ def save_model(model: Transformer, out_dir: str | Path, *, base_hf_config: dict[
         save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = export_config(model, base_hf_config, modegpt_info)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if config["model_type"] == "modegpt":
+            for src in REMOTE_CODE.glob("*_modegpt.py"):
+                shutil.copy2(src, tmp / src.name)
         if tokenizer_dir is not None:
             for fname in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / fname

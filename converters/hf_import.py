@@ -129,9 +129,11 @@ class HFCheckpoint:
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(self.directory)
+            # A tokenizer needs no model code; without this flag transformers asks about our exported remote code.
+            return AutoTokenizer.from_pretrained(self.directory, trust_remote_code=False)
         except Exception as e:
-            raise UserError(f"cannot load a tokenizer from {self.directory}: {e}") from None
+            detail = " ".join(str(e).split())[:300]  # transformers' messages span lines; ours is one line
+            raise UserError(f"cannot load a tokenizer from {self.directory}: {detail}") from None
 
 
 def load_model(spec: str | Path, dtype: Any = jnp.float32) -> Transformer:

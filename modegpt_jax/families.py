@@ -7,7 +7,6 @@ model's name.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 from modegpt_jax.config import LayerSpec, ModelConfig
@@ -160,6 +159,10 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], ModelConfig]] = {
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Our configuration from a Hugging Face ``config.json`` dict (dense, or compressed by modegpt-jax)."""
     model_type = hf.get("model_type")
+    if model_type == "modegpt":  # exported by modegpt-jax: our own description is in the file
+        cfg = ModelConfig.from_dict(hf["modegpt"])
+        cfg.validate()
+        return cfg
     adapter = FAMILIES.get(model_type)
     if adapter is None:
         raise UserError(
@@ -169,12 +172,5 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         cfg = adapter(hf)
     except KeyError as e:
         raise UserError(f"{model_type} configuration is missing the field {e.args[0]!r}") from None
-    compressed = hf.get("modegpt")
-    if compressed is not None:  # written by converters.hf_export: the base family with per-layer widths
-        cfg = dataclasses.replace(
-            cfg,
-            layers=tuple(LayerSpec.from_dict(x) for x in compressed["layers"]),
-            o_bias=bool(compressed.get("o_bias", cfg.o_bias)),
-        )
     cfg.validate()
     return cfg

@@ -188,7 +188,7 @@ def compress_attention(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C: n
     cfg = out_cfg
     attn = dense.attn
     channels, pairs = decompose.cr_qk_select(energy_q, energy_k, spec.qk_dim, rope=cfg.use_rope)
-    if pairs is not None:
+    if pairs is not None and spec.qk_dim < cfg.head_dim:  # keeping every pair is the dense layout (None)
         spec = dataclasses.replace(spec, rope_pairs=tuple(tuple(int(p) for p in row) for row in np.asarray(pairs)))
     qk = decompose.apply_qk_selection(
         attn.q_proj.kernel[...], attn.k_proj.kernel[...], channels, cfg.num_heads,

@@ -44,6 +44,7 @@ def test_compress_writes_a_directory_that_eval_reads(tiny_with_tokenizer, tmp_pa
 
     ev = run_cli("eval", "--model", str(out), "--seqlen", "32", "--max-windows", "4", "--json", timeout=600)
     assert ev.returncode == 0, ev.stderr
+    assert ev.stdout.strip(), ev.stderr[-2000:]
     assert json.loads(ev.stdout.strip().splitlines()[-1])["windows"] == 4
 
     # A second run into the same directory is refused without --overwrite, and nothing is touched.

@@ -1,0 +1,103 @@
+"""Exported directories load with transformers' AutoModelForCausalLM in a process that never imports modegpt-jax."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from converters.hf_export import save_model
+from converters.hf_import import HFCheckpoint
+from modegpt_jax.config import LayerSpec
+from modegpt_jax.pipeline import CompressionSettings, compress
+from tests.hf_models import make_hf_model, save_hf_model
+
+torch = pytest.importorskip("torch")
+
+# Runs in a fresh interpreter: loads the export, checks logits, the KV-cache generate and save_pretrained.
+CHECK = textwrap.dedent("""
+    import json, sys
+    import numpy as np, torch
+    from transformers import AutoModelForCausalLM
+    directory, tokens_file, out_file, resave = sys.argv[1:5]
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+    tokens = torch.as_tensor(np.load(tokens_file))
+    with torch.no_grad():
+        logits = model(tokens).logits.numpy()
+        prompt = tokens[:1, :5]
+        generated = model.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        greedy = prompt
+        for _ in range(6):  # the same continuation without any cache
+            greedy = torch.cat([greedy, model(greedy, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    model.save_pretrained(resave)
+    again = AutoModelForCausalLM.from_pretrained(resave, trust_remote_code=True).eval()
+    with torch.no_grad():
+        resaved = again(tokens).logits.numpy()
+    np.save(out_file, logits)
+    print(json.dumps({
+        "params": sum(p.numel() for p in model.parameters()),
+        "class": type(model).__name__,
+        "generate_equals_greedy": generated.tolist() == greedy.tolist(),
+        "resave_max_diff": float(np.abs(resaved - logits).max()),
+        "imported_modegpt": any(m.startswith(("modegpt_jax", "converters")) for m in sys.modules),
+    }))
+""")
+
+
+def load_in_clean_process(directory, tokens, tmp_path):
+    np.save(tmp_path / "tokens.npy", tokens)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK, str(directory), str(tmp_path / "tokens.npy"), str(tmp_path / "logits.npy"),
+         str(tmp_path / "resaved")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(tmp_path / "logits.npy")
+
+
+def calibration(n=16, length=24):
+    return np.random.default_rng(0).integers(0, 128, (n, length)).astype(np.int32)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2", "opt", "mistral_sliding_window"])
+def test_compressed_export_loads_in_transformers(name, tmp_path):
+    hf = make_hf_model(name)
+    ckpt = HFCheckpoint(save_hf_model(hf, tmp_path / "dense"))
+    model, report = compress(ckpt, calibration(), CompressionSettings(ratio=0.3), progress=False)
+    out = save_model(model, tmp_path / "export", base_hf_config=ckpt.hf_config)
+    assert {"modeling_modegpt.py", "configuration_modegpt.py", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "modegpt" and "auto_map" in config
+    if ckpt.config.use_rope:
+        layer = config["modegpt"]["layers"][1]
+        assert len(layer["rope_frequencies"]) == ckpt.config.num_kv_heads
+    assert not any(str(tmp_path) in line for line in (out / "config.json").read_text().splitlines())
+
+    tokens = np.random.default_rng(1).integers(0, 128, (2, 21))
+    result, logits = load_in_clean_process(out, tokens, tmp_path)
+    assert not result["imported_modegpt"]
+    assert result["class"] == "ModeGPTForCausalLM"
+    np.testing.assert_allclose(logits, np.asarray(model(tokens)), atol=1e-4, rtol=0)
+    assert result["params"] == report["params_after"] < sum(p.numel() for p in hf.parameters())
+    assert result["generate_equals_greedy"]
+    assert result["resave_max_diff"] == 0.0
+
+    # And back into JAX: identical logits.
+    np.testing.assert_array_equal(np.asarray(HFCheckpoint(out).load_model()(tokens)), np.asarray(model(tokens)))
+
+
+def test_mlp_only_compression_exports_the_stock_architecture(tmp_path):
+    ckpt = HFCheckpoint(save_hf_model(make_hf_model("llama_gqa_untied"), tmp_path / "dense"))
+    cfg = ckpt.config
+    specs = [LayerSpec(48, cfg.head_dim, cfg.head_dim) for _ in cfg.layers]
+    model, _ = compress(ckpt, calibration(), CompressionSettings(ratio=0.3), layer_specs=specs, progress=False)
+    out = save_model(model, tmp_path / "export", base_hf_config=ckpt.hf_config)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["intermediate_size"] == 48
+    assert not (out / "modeling_modegpt.py").exists()
+    tokens = np.random.default_rng(2).integers(0, 128, (2, 9))
+    result, logits = load_in_clean_process(out, tokens, tmp_path)
+    assert result["class"] == "LlamaForCausalLM"
+    np.testing.assert_allclose(logits, np.asarray(model(tokens)), atol=1e-4, rtol=0)
