@@ -15,7 +15,8 @@ import json
 import time
 from pathlib import Path
 
-KEYS = {"eps": "allocation_eps", "alpha": "leverage_alpha", "max": "max_sparsity", "alloc": "allocation"}
+KEYS = {"eps": "allocation_eps", "alpha": "leverage_alpha", "max": "max_sparsity", "alloc": "allocation",
+        "att": "attention_scale"}
 
 
 def main() -> None:
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--val-windows", type=int, default=40)
     parser.add_argument("--grid", nargs="*", default=["eps=0.05,0.1,0.2"],
-                        help="NAME=v1,v2 with NAME in eps, alpha, max, alloc")
+                        help="NAME=v1,v2 with NAME in eps, alpha, max, alloc, att")
     parser.add_argument("--json", default="benchmarks/results/tune.json")
     args = parser.parse_args()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from modegpt_jax.pipeline import CompressionSettings, compress
 
     tuned = {k: v for k, v in (("allocation_eps", args.allocation_eps), ("max_sparsity", args.max_sparsity),
-                               ("bi_samples", args.bi_samples)) if v is not None}
+                               ("bi_samples", args.bi_samples), ("attention_scale", args.attention_scale))
+             if v is not None}
     settings = CompressionSettings(
         ratio=args.ratio, allocation=args.allocation, width_multiple=args.width_multiple,
         batch_size=args.batch_size, **tuned,
@@ -100,7 +102,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # Every process draws the same windows (same seed) and keeps its own share of the rows.
     windows = windows[jax.process_index() :: jax.process_count()]
     calib_seconds = time.perf_counter() - t
-    model, report = compress(checkpoint, windows, settings, mesh=mesh)
+    # Killed runs resume from the last finished layer: the state lives beside the output until it is written.
+    resume_dir = out.parent / f".{out.name}.resume"
+    model, report = compress(checkpoint, windows, settings, mesh=mesh, resume_dir=resume_dir)
     report["timings_seconds"]["calibration_data"] = round(calib_seconds, 3)
     report["model"] = args.model
     report["calibration"].update(source=args.calib_data, seed=args.seed)
@@ -109,6 +113,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         save_model(model, out, base_hf_config=checkpoint.hf_config, tokenizer_dir=checkpoint.directory,
                    extra_files={"report.json": json.dumps(report, indent=2) + "\n"},
                    modegpt_info={"method": "MoDeGPT", "target_ratio": args.ratio})
+        shutil.rmtree(resume_dir, ignore_errors=True)
         print(
             f"compressed {args.model}: decoder blocks -{report['achieved_block_ratio']:.1%} "
             f"(target {args.ratio:.0%}), whole model -{report['achieved_total_ratio']:.1%}, "
@@ -153,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-layer sparsity: block influence (bi, default) or the same everywhere")
     co.add_argument("--allocation-eps", type=float, default=None, help="softmax temperature of the BI allocation")
     co.add_argument("--max-sparsity", type=float, default=None, help="largest sparsity of any one layer")
+    co.add_argument("--attention-scale", type=float, default=None,
+                    help="key-query and value-output lose this times the layer's sparsity, the MLP the rest "
+                         "(1 = the paper's equal split)")
     co.add_argument("--width-multiple", type=int, default=1, help="round kept widths to a multiple of this")
     co.add_argument("--bi-samples", type=int, default=None,
                     help="calibration windows used for block influence (default: 16)")

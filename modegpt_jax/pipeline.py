@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import jax
@@ -32,6 +33,7 @@ from modegpt_jax.config import LayerSpec, ModelConfig
 from modegpt_jax.errors import UserError
 from modegpt_jax.mesh import make_mesh, shard_batch
 from modegpt_jax.model import MLP, Attention, Block, Transformer, count_params, run_block
+from modegpt_jax.resume import ResumeState, fingerprint
 from modegpt_jax.rope import kept_pair_frequencies
 
 log = logging.getLogger("modegpt_jax")
@@ -46,6 +48,9 @@ class CompressionSettings:
     allocation_eps: float = alloc.DEFAULT_EPS
     max_sparsity: float = alloc.DEFAULT_MAX_SPARSITY
     leverage_alpha: float = decompose.DEFAULT_LEVERAGE_ALPHA
+    # Attention modules lose this times the layer's sparsity, the MLP makes up the rest (1.0: the paper's rule of
+    # one fraction for all three modules). See allocation.split_block_sparsity.
+    attention_scale: float = 1.0
     width_multiple: int = 1
     batch_size: int = 8  # calibration sequences per device step (all processes together)
     # Sequences used for block influence (a token mean of cosines: a few thousand tokens estimate it well);
@@ -140,13 +145,21 @@ def block_param_count(cfg: ModelConfig, spec: LayerSpec) -> int:
     return count_params(nnx.eval_shape(lambda: Block(cfg, spec, dtype=jnp.float32, rngs=nnx.Rngs(0))))
 
 
-def plan_layers(dense: ModelConfig, out: ModelConfig, sparsity: np.ndarray, multiple: int) -> list[LayerSpec]:
+def module_param_counts(cfg: ModelConfig, spec: LayerSpec) -> tuple[int, int]:
+    """(attention, MLP) parameters of one block, from shapes alone."""
+    block = nnx.eval_shape(lambda: Block(cfg, spec, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    return count_params(block.attn), count_params(block.mlp)
+
+
+def plan_layers(dense: ModelConfig, sparsity: np.ndarray, settings: CompressionSettings) -> list[LayerSpec]:
     """Per-layer widths for the given per-layer sparsities (RoPE pairs are chosen later, per layer)."""
     specs = []
     for i, phi in enumerate(sparsity):
-        mlp, qk, vo = alloc.layer_widths(
-            float(phi), dense.intermediate_size, dense.head_dim, rope=dense.use_rope, multiple=multiple
-        )
+        attn_params, mlp_params = module_param_counts(dense, dense.layers[i])
+        phi_attn, phi_mlp = alloc.split_block_sparsity(float(phi), settings.attention_scale, attn_params, mlp_params)
+        kw = dict(rope=dense.use_rope, multiple=settings.width_multiple)
+        mlp, _, _ = alloc.layer_widths(phi_mlp, dense.intermediate_size, dense.head_dim, **kw)
+        _, qk, vo = alloc.layer_widths(phi_attn, dense.intermediate_size, dense.head_dim, **kw)
         specs.append(LayerSpec(mlp, qk, vo, None, dense.layers[i].sliding_window))
     return specs
 
@@ -166,7 +179,7 @@ def plan_widths(dense: ModelConfig, out: ModelConfig, settings: CompressionSetti
                                                max_sparsity=settings.max_sparsity)
         else:
             phi = alloc.uniform_sparsity(dense.num_layers, aim)
-        specs = plan_layers(dense, out, phi, settings.width_multiple)
+        specs = plan_layers(dense, phi, settings)
         after = sum(block_param_count(out, spec) for spec in specs)
         if 1.0 - after / before >= settings.ratio:
             return phi, specs, {"block_params_before": before, "block_params_after": after}
@@ -287,6 +300,24 @@ def qk_dropped_score(energy_q, energy_k, channels: np.ndarray, cfg: ModelConfig)
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
+def block_influence(source: LayerSource, batches: list, settings: CompressionSettings, mesh, progress: bool):
+    """``BI_l = 1 - mean cos(h_l, h_(l+1))`` on a dense pass over the first ``settings.bi_samples`` sequences."""
+    rows = batches[0][1].shape[0]  # global sequences per batch
+    n_bi = len(batches) if settings.bi_samples is None else max(1, -(-settings.bi_samples // rows))
+    hs = [h for _, h in batches[:n_bi]]
+    values = []
+    for i in tqdm(range(source.config.num_layers), desc="block influence", unit="layer", disable=not progress):
+        block = source.load_block(i)
+        acc = stats.Accumulator()
+        for j, (pos, _) in enumerate(batches[:n_bi]):
+            h_out = run_block(block, hs[j], pos)
+            acc.add("cos", stats.cosine_sum(hs[j], h_out, mesh=mesh))
+            hs[j] = h_out
+        cos = acc.finalize(where=f"layer {i}")["cos"]
+        values.append(1.0 - float(cos.total) / float(cos.count))
+    return np.asarray(values)
+
+
 def _batches(tokens: np.ndarray, batch_size: int, data_shards: int) -> list[np.ndarray]:
     n = len(tokens)
     local_shards = max(1, data_shards // jax.process_count())
@@ -301,12 +332,15 @@ def _batches(tokens: np.ndarray, batch_size: int, data_shards: int) -> list[np.n
 
 def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: CompressionSettings, *,
              mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-             layer_specs: list[LayerSpec] | None = None,
+             layer_specs: list[LayerSpec] | None = None, resume_dir: str | Path | None = None,
              on_layer: Callable[[dict], None] | None = None) -> tuple[Transformer, dict]:
     """Compress a model with MoDeGPT on calibration ``tokens`` [N, L] (this process's rows).
 
     ``layer_specs`` overrides the allocation with explicit per-layer widths (their ``rope_pairs`` are ignored:
     the CR selection chooses them); ``settings.ratio`` is then only recorded.
+
+    ``resume_dir``: checkpoint the state after every finished layer there (orbax), and resume from it when it
+    holds an unfinished run of the same configuration; the caller deletes it once the result is safely stored.
 
     Returns the compressed model (every block replaced) and a report: target and achieved ratios, parameter
     counts, per-layer block influence, sparsity, widths and reconstruction errors, and the time of each phase.
@@ -335,40 +369,59 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
         batches.append((pos, _embed(shell, tok, pos)))
     timings["embed"] = time.perf_counter() - t0
 
-    # Block influence on a dense pass (optionally over the first `bi_samples` sequences only).
-    bi = None
-    if settings.allocation == "bi" and layer_specs is None:
-        t = time.perf_counter()
-        rows = batches[0][1].shape[0]  # global sequences per batch
-        n_bi = len(batches) if settings.bi_samples is None else max(1, -(-settings.bi_samples // rows))
-        hs = [h for _, h in batches[:n_bi]]
-        bi_values = []
-        for i in tqdm(range(dense.num_layers), desc="block influence", unit="layer", disable=not progress):
-            block = source.load_block(i)
-            acc = stats.Accumulator()
-            for j, (pos, _) in enumerate(batches[:n_bi]):
-                h_out = run_block(block, hs[j], pos)
-                acc.add("cos", stats.cosine_sum(hs[j], h_out, mesh=mesh))
-                hs[j] = h_out
-            cos = acc.finalize(where=f"layer {i}")["cos"]
-            bi_values.append(1.0 - float(cos.total) / float(cos.count))
-            del block
-        bi = np.asarray(bi_values)
-        timings["block_influence"] = time.perf_counter() - t
+    resume = None
+    if resume_dir is not None:
+        resume = ResumeState(resume_dir, fingerprint(
+            settings=dataclasses.asdict(settings), tokens=tokens, config=dense.to_json(), dtype=str(shell.dtype),
+            mesh=dict(mesh.shape), processes=jax.process_count(),
+            layer_specs=None if layer_specs is None else [x.to_dict() for x in layer_specs],
+        ))
 
-    if layer_specs is None:
-        phi, specs, counts = plan_widths(dense, out_cfg, settings, bi)
+    if resume is not None and "plan" in resume.state:
+        plan = resume.state["plan"]
+        bi = None if plan["bi"] is None else np.asarray(plan["bi"])
+        phi, counts = np.asarray(plan["sparsity"]), plan["counts"]
+        specs = [LayerSpec.from_dict(x) for x in plan["specs"]]
+        timings.update(resume.state.get("timings", {}))
+        log.info("resuming from %s: %d of %d layers already compressed", resume.directory,
+                 resume.finished_layers, dense.num_layers)
     else:
-        specs = [dataclasses.replace(s, rope_pairs=None) for s in layer_specs]
-        before = sum(block_param_count(dense, s) for s in dense.layers)
-        after = [block_param_count(out_cfg, s) for s in specs]
-        phi = np.asarray([1.0 - a / block_param_count(dense, d) for a, d in zip(after, dense.layers)])
-        counts = {"block_params_before": before, "block_params_after": sum(after)}
+        bi = None
+        if settings.allocation == "bi" and layer_specs is None:
+            t = time.perf_counter()
+            bi = block_influence(source, batches, settings, mesh, progress)
+            timings["block_influence"] = time.perf_counter() - t
+        if layer_specs is None:
+            phi, specs, counts = plan_widths(dense, out_cfg, settings, bi)
+        else:
+            specs = [dataclasses.replace(x, rope_pairs=None) for x in layer_specs]
+            before = sum(block_param_count(dense, x) for x in dense.layers)
+            after = [block_param_count(out_cfg, x) for x in specs]
+            phi = np.asarray([1.0 - a / block_param_count(dense, d) for a, d in zip(after, dense.layers)])
+            counts = {"block_params_before": before, "block_params_after": sum(after)}
+        if resume is not None:
+            resume.write_state(
+                plan={"bi": None if bi is None else bi.tolist(), "sparsity": phi.tolist(), "counts": counts,
+                      "specs": [x.to_dict() for x in specs]},
+                timings=timings,
+            )
 
     t = time.perf_counter()
     hs = [h for _, h in batches]
     new_blocks, final_specs, layer_reports = [], [], []
-    bar = tqdm(range(dense.num_layers), desc="compress", unit="layer", disable=not progress)
+    start = 0 if resume is None else resume.finished_layers
+    for i, done in enumerate(resume.state["layers"] if start else []):
+        spec = LayerSpec.from_dict(done["spec"])
+        block = nnx.eval_shape(lambda: Block(out_cfg, spec, dtype=shell.dtype, rngs=nnx.Rngs(0)))
+        nnx.update(block, resume.restore_block(i, nnx.state(block)))
+        new_blocks.append(block)
+        final_specs.append(spec)
+        layer_reports.append(done["report"])
+    if start:
+        hs = resume.restore_hidden(start - 1, [jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=h.sharding)
+                                               for h in hs])
+    bar = tqdm(range(start, dense.num_layers), desc="compress", unit="layer", disable=not progress,
+               initial=start, total=dense.num_layers)
     for i in bar:
         lt = time.perf_counter()
         block = source.load_block(i)
@@ -409,6 +462,8 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
             "seconds": round(time.perf_counter() - lt, 3),
         }
         layer_reports.append(entry)
+        if resume is not None:
+            resume.save_layer(i, nnx.state(new), hs, {"spec": spec.to_dict(), "report": entry})
         msg = (f"layer {i:>3}: sparsity {phi[i]:.3f}  mlp {spec.mlp_width}/{dense.intermediate_size}  "
                f"qk {spec.qk_dim}/{dense.head_dim}  vo {spec.vo_dim}/{dense.head_dim}  |  rel. error "
                f"mlp {errors['mlp']:.4f}  vo {errors['vo']:.4f}  qk score dropped {errors['qk_score_dropped']:.4f}")
@@ -417,7 +472,8 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
             bar.write(msg)
         if on_layer is not None:
             on_layer(entry)
-    timings["compress"] = time.perf_counter() - t
+    # On resume, the finished layers' own times count too.
+    timings["compress"] = time.perf_counter() - t + sum(r["seconds"] for r in layer_reports[:start])
 
     final_cfg = out_cfg.with_layers(final_specs)
     model = nnx.eval_shape(lambda: Transformer(final_cfg, dtype=shell.dtype, rngs=nnx.Rngs(0)))

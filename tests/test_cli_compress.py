@@ -12,20 +12,24 @@ from tests.test_cli_errors import assert_user_error, run_cli
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tmp_path_factory, smollm2):
+def make_tiny_with_tokenizer(out, smollm2, layers=3):
+    """A tiny random Llama with the embedded model's vocabulary and real tokenizer files."""
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=smollm2.config.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        vocab_size=smollm2.config.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    out = tmp_path_factory.mktemp("cli") / "tiny"
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2.directory / name, out / name)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory, smollm2):
+    return make_tiny_with_tokenizer(tmp_path_factory.mktemp("cli") / "tiny", smollm2)
 
 
 def test_compress_writes_a_directory_that_eval_reads(tiny_with_tokenizer, tmp_path):
