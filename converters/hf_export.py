@@ -100,6 +100,35 @@ def export_config(model: Transformer, base_hf_config: dict[str, Any], extra: dic
     }
 
 
+def model_card(report: dict[str, Any]) -> str:
+    """README.md of an exported model: method, ratios, parameter counts, per-layer widths, how to load it."""
+    lines = [
+        "---", "library_name: transformers", "tags: [modegpt, compression, modegpt-jax]", "---", "",
+        f"# {report.get('model', 'model')} compressed with MoDeGPT", "",
+        "Structured compression by modular decomposition (Lin et al., ICLR 2025) with modegpt-jax: every block's MLP",
+        "(Nystrom), key-query (CR) and value-output (whitened SVD) modules were shrunk to smaller dense matrices,",
+        "fitted to calibration activations, with no fine-tuning.", "",
+        f"- target ratio (decoder-block parameters): {report['target_ratio']}",
+        f"- achieved: {report['achieved_block_ratio']:.4f} of decoder-block parameters, "
+        f"{report['achieved_total_ratio']:.4f} of all parameters",
+        f"- parameters: {report['params_before']:,} -> {report['params_after']:,}",
+        f"- calibration: {report['calibration']}",
+    ]
+    if "perplexity" in report:
+        lines.append(f"- perplexity: {report['perplexity']}")
+    else:
+        lines.append("- perplexity: not measured during compression (`modegpt eval --model <this directory>`)")
+    lines += [
+        "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("<this directory>", trust_remote_code=True)',
+        'tokenizer = AutoTokenizer.from_pretrained("<this directory>", trust_remote_code=True)', "```", "",
+        "| layer | sparsity | MLP width | Q/K dim | V/O dim |", "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {x['layer']} | {x['sparsity']:.3f} | {x['mlp_width']} | {x['qk_dim']} | {x['vo_dim']} |"
+              for x in report["layers"]]
+    return "\n".join(lines) + "\n"
+
+
 def save_model(model: Transformer, out_dir: str | Path, *, base_hf_config: dict[str, Any],
                tokenizer_dir: str | Path | None = None, extra_files: dict[str, str] | None = None,
                modegpt_info: dict[str, Any] | None = None) -> Path:

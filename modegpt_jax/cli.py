@@ -77,7 +77,7 @@ def _init_distributed(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     import jax
 
-    from converters.hf_export import save_model
+    from converters.hf_export import model_card, save_model
     from converters.hf_import import HFCheckpoint
     from modegpt_jax.calibration import calibration_windows
     from modegpt_jax.mesh import make_mesh
@@ -111,7 +111,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if jax.process_index() == 0:
         report["timings_seconds"]["wall"] = round(time.perf_counter() - start, 3)
         save_model(model, out, base_hf_config=checkpoint.hf_config, tokenizer_dir=checkpoint.directory,
-                   extra_files={"report.json": json.dumps(report, indent=2) + "\n"},
+                   extra_files={"report.json": json.dumps(report, indent=2) + "\n", "README.md": model_card(report)},
                    modegpt_info={"method": "MoDeGPT", "target_ratio": args.ratio})
         shutil.rmtree(resume_dir, ignore_errors=True)
         print(

@@ -45,6 +45,8 @@ def test_compress_writes_a_directory_that_eval_reads(tiny_with_tokenizer, tmp_pa
     assert report["calibration"] == {"samples": 8, "seqlen": 32, "source": "wikipedia", "seed": 3}
     assert {"block_influence", "sparsity", "mlp_width", "qk_dim", "vo_dim", "errors"} <= set(report["layers"][0])
     assert "layer   0:" in proc.stderr + proc.stdout  # the per-layer log line
+    card = (out / "README.md").read_text()
+    assert f"{report['params_before']:,} -> {report['params_after']:,}" in card
 
     ev = run_cli("eval", "--model", str(out), "--seqlen", "32", "--max-windows", "4", "--json", timeout=600)
     assert ev.returncode == 0, ev.stderr
