@@ -23,7 +23,6 @@ __all__ = [
     "DEFAULT_MAX_SPARSITY",
     "allocate_sparsity",
     "block_importance",
-    "cosine_sum",
     "layer_widths",
     "uniform_sparsity",
 ]
@@ -40,32 +39,11 @@ DEFAULT_MAX_SPARSITY = 0.8
 _ROUND_SLACK = 1e-9
 
 
-def cosine_sum(h_in, h_out, mask=None):
-    """Sum over tokens of ``cos(h_in, h_out)`` and the token count, for accumulating :func:`block_importance`.
-
-    Works on NumPy or JAX arrays (it only uses array methods and operators); accumulate in float32 or wider.
-
-    Args:
-        h_in, h_out: ``[..., d]`` residual stream into and out of a block.
-        mask: optional ``[...]`` (1 = real token, 0 = padding).
-
-    Returns:
-        ``(cos_sum, count)``, scalars of the input's array type.
-    """
-    num = (h_in * h_out).sum(-1)
-    den = ((h_in * h_in).sum(-1) * (h_out * h_out).sum(-1)) ** 0.5
-    # A zero vector has no direction; count it as "unchanged" (cos 1) rather than dividing by zero.
-    cos = num / (den + (den == 0)) + (den == 0)
-    if mask is None:
-        return cos.sum(), cos.size
-    return (cos * mask).sum(), mask.sum()
-
-
 def block_importance(cos_sum, count) -> np.ndarray:
     """``BI_l = 1 - cos_sum_l / count_l``: one minus the mean token cosine between a block's input and output.
 
     Args:
-        cos_sum: ``[L]`` per-layer sums of token cosines (see :func:`cosine_sum`).
+        cos_sum: ``[L]`` per-layer sums of token cosines (see :func:`modegpt_jax.stats.cosine_sum`).
         count: scalar or ``[L]`` token counts, ``> 0``.
 
     Returns:

@@ -8,8 +8,8 @@ import pytest
 from modegpt_jax.allocation import (
     allocate_sparsity,
     block_importance,
-    cosine_sum,
     layer_widths,
+    split_block_sparsity,
     uniform_sparsity,
 )
 from modegpt_jax.errors import UserError
@@ -26,30 +26,11 @@ def softmax_alloc(bi, target, eps):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_block_importance_from_cosines():
-    rng = np.random.default_rng(0)
-    h_in = rng.standard_normal((3, 7, 16))
-    same = cosine_sum(h_in, 2.5 * h_in)  # same direction: cos 1
-    opposite = cosine_sum(h_in, -h_in)
-    h_out = h_in + rng.standard_normal(h_in.shape)
-    other = cosine_sum(h_in, h_out)
-    ref = np.mean([np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)
-                   for a, b in zip(h_in.reshape(-1, 16), h_out.reshape(-1, 16))])
-    bi = block_importance([same[0], opposite[0], other[0]], [same[1], opposite[1], other[1]])
-    np.testing.assert_allclose(bi, [0.0, 2.0, 1.0 - ref], atol=1e-12)
-
-
-def test_cosine_sum_mask():
-    rng = np.random.default_rng(1)
-    h_in, h_out = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
-    mask = np.zeros((2, 5))
-    mask[0, :3] = 1
-    mask[1, :4] = 1
-    s, n = cosine_sum(h_in, h_out, mask)
-    ref = [np.dot(h_in[b, t], h_out[b, t]) / np.linalg.norm(h_in[b, t]) / np.linalg.norm(h_out[b, t])
-           for b in range(2) for t in range(5) if mask[b, t]]
-    assert n == 7
-    assert s == pytest.approx(sum(ref), rel=1e-12)
+def test_block_importance_is_one_minus_mean_cosine():
+    bi = block_importance([90.0, 45.0, -10.0], [100, 50, 10])
+    np.testing.assert_allclose(bi, [0.1, 0.1, 2.0])
+    with pytest.raises(ValueError):
+        block_importance([1.0], [0])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -182,3 +163,20 @@ def test_block_keeps_at_least_its_share():
 def test_bad_multiple_is_user_error():
     with pytest.raises(UserError):
         layer_widths(0.3, 100, 64, multiple=0)
+
+
+class TestSplitBlockSparsity:
+    def test_equal_split_is_the_papers_rule(self):
+        assert split_block_sparsity(0.3, 1.0, 100, 300) == pytest.approx((0.3, 0.3))
+
+    @pytest.mark.parametrize("scale", [0.0, 0.25, 0.5])
+    def test_block_still_loses_its_fraction(self, scale):
+        attn, mlp = 884_736, 2_654_208
+        phi_a, phi_m = split_block_sparsity(0.36, scale, attn, mlp)
+        assert phi_a == pytest.approx(scale * 0.36)
+        assert phi_a * attn + phi_m * mlp == pytest.approx(0.36 * (attn + mlp))
+        assert phi_m >= 0.36
+
+    def test_mlp_sparsity_is_capped(self):
+        _, phi_m = split_block_sparsity(0.9, 0.0, 500, 100, max_mlp_sparsity=0.95)
+        assert phi_m == 0.95

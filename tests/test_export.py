@@ -11,8 +11,9 @@ import pytest
 from converters.hf_export import save_model
 from converters.hf_import import HFCheckpoint
 from modegpt_jax.config import LayerSpec
-from modegpt_jax.pipeline import CompressionSettings, compress
+from modegpt_jax.pipeline import compress
 from tests.hf_models import make_hf_model, save_hf_model
+from tests.test_pipeline import equal_split
 
 torch = pytest.importorskip("torch")
 
@@ -65,7 +66,7 @@ def calibration(n=16, length=24):
 def test_compressed_export_loads_in_transformers(name, tmp_path):
     hf = make_hf_model(name)
     ckpt = HFCheckpoint(save_hf_model(hf, tmp_path / "dense"))
-    model, report = compress(ckpt, calibration(), CompressionSettings(ratio=0.3), progress=False)
+    model, report = compress(ckpt, calibration(), equal_split(ratio=0.3), progress=False)
     out = save_model(model, tmp_path / "export", base_hf_config=ckpt.hf_config)
     assert {"modeling_modegpt.py", "configuration_modegpt.py", "model.safetensors"} <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
@@ -92,7 +93,7 @@ def test_mlp_only_compression_exports_the_stock_architecture(tmp_path):
     ckpt = HFCheckpoint(save_hf_model(make_hf_model("llama_gqa_untied"), tmp_path / "dense"))
     cfg = ckpt.config
     specs = [LayerSpec(48, cfg.head_dim, cfg.head_dim) for _ in cfg.layers]
-    model, _ = compress(ckpt, calibration(), CompressionSettings(ratio=0.3), layer_specs=specs, progress=False)
+    model, _ = compress(ckpt, calibration(), equal_split(ratio=0.3), layer_specs=specs, progress=False)
     out = save_model(model, tmp_path / "export", base_hf_config=ckpt.hf_config)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["intermediate_size"] == 48

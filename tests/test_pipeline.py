@@ -16,6 +16,11 @@ from tests.hf_models import make_hf_model, save_hf_model
 FAMILIES = ["llama_gqa_untied", "qwen2", "opt", "llama_attention_bias"]
 
 
+def equal_split(**kwargs):
+    """The paper's rule (one sparsity for all three modules), so every module is pruned even on tiny models."""
+    return CompressionSettings(attention_scale=1.0, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
@@ -36,7 +41,7 @@ def test_keeping_everything_reproduces_the_dense_model(checkpoints, name):
     dense = ckpt.load_model()
     tokens = calibration()
     full = [LayerSpec(s.mlp_width, s.qk_dim, s.vo_dim) for s in ckpt.config.layers]
-    model, report = compress(ckpt, tokens, CompressionSettings(ratio=0.1), layer_specs=full, progress=False)
+    model, report = compress(ckpt, tokens, equal_split(ratio=0.1), layer_specs=full, progress=False)
     np.testing.assert_allclose(np.asarray(model(tokens[:4])), np.asarray(dense(tokens[:4])), atol=1e-4, rtol=0)
     for layer in report["layers"]:
         assert layer["errors"]["mlp"] < 1e-6 and layer["errors"]["vo"] < 1e-6
@@ -49,7 +54,7 @@ def test_ratio_is_reached_and_error_grows_with_it(checkpoints, name):
     dense = np.asarray(ckpt.load_model()(calibration(4, 24, seed=1)))
     errors = []
     for ratio in (0.1, 0.4):
-        model, report = compress(ckpt, calibration(), CompressionSettings(ratio=ratio), progress=False)
+        model, report = compress(ckpt, calibration(), equal_split(ratio=ratio), progress=False)
         assert report["achieved_block_ratio"] >= ratio
         assert report["achieved_block_ratio"] < ratio + 0.05
         assert report["params_after"] < report["params_before"]
@@ -64,15 +69,25 @@ def test_ratio_is_reached_and_error_grows_with_it(checkpoints, name):
 
 
 def test_important_layers_lose_less(checkpoints):
-    _, report = compress(checkpoints["llama_gqa_untied"], calibration(), CompressionSettings(ratio=0.3),
+    _, report = compress(checkpoints["llama_gqa_untied"], calibration(), equal_split(ratio=0.3),
                          progress=False)
     bi = np.array([layer["block_influence"] for layer in report["layers"]])
     phi = np.array([layer["sparsity"] for layer in report["layers"]])
     assert np.all(np.argsort(bi) == np.argsort(-phi))
 
 
+def test_default_split_prunes_the_mlp_more_than_attention(checkpoints):
+    ckpt = checkpoints["llama_gqa_untied"]
+    _, report = compress(ckpt, calibration(), CompressionSettings(ratio=0.3), progress=False)
+    assert report["achieved_block_ratio"] >= 0.3
+    cfg = ckpt.config
+    for layer in report["layers"]:
+        if layer["sparsity"] > 0.05:
+            assert layer["mlp_width"] / cfg.intermediate_size < layer["vo_dim"] / cfg.head_dim
+
+
 def test_uniform_allocation_gives_every_layer_the_same_widths(checkpoints):
-    _, report = compress(checkpoints["qwen2"], calibration(), CompressionSettings(ratio=0.3, allocation="uniform"),
+    _, report = compress(checkpoints["qwen2"], calibration(), equal_split(ratio=0.3, allocation="uniform"),
                          progress=False)
     widths = {(lay["mlp_width"], lay["qk_dim"], lay["vo_dim"]) for lay in report["layers"]}
     assert len(widths) == 1
@@ -81,7 +96,7 @@ def test_uniform_allocation_gives_every_layer_the_same_widths(checkpoints):
 
 def test_in_memory_model_gives_the_same_result_as_streaming(checkpoints):
     ckpt = checkpoints["llama_gqa_untied"]
-    settings = CompressionSettings(ratio=0.3)
+    settings = equal_split(ratio=0.3)
     streamed, r1 = compress(ckpt, calibration(), settings, progress=False)
     in_memory, r2 = compress(ckpt.load_model(), calibration(), settings, progress=False)
     assert [lay["mlp_width"] for lay in r1["layers"]] == [lay["mlp_width"] for lay in r2["layers"]]
@@ -92,14 +107,15 @@ def test_in_memory_model_gives_the_same_result_as_streaming(checkpoints):
 @pytest.mark.parametrize("name", ["llama_gqa_untied", "opt", "qwen2"])
 def test_compressed_directory_round_trips(checkpoints, name, tmp_path):
     ckpt = checkpoints[name]
-    model, report = compress(ckpt, calibration(), CompressionSettings(ratio=0.3), progress=False)
+    model, report = compress(ckpt, calibration(), equal_split(ratio=0.3), progress=False)
     out = save_model(model, tmp_path / "out", base_hf_config=ckpt.hf_config)
     config = json.loads((out / "config.json").read_text())
     assert len(config["modegpt"]["layers"]) == ckpt.config.num_layers
     again = HFCheckpoint(out)
     assert again.config == model.config
     if model.config.use_rope:  # the kept pairs' original indices travel with the model
-        assert all(spec.rope_pairs is not None for spec in again.config.layers)
+        pruned = [spec for spec in again.config.layers if spec.qk_dim < ckpt.config.head_dim]
+        assert pruned and all(spec.rope_pairs is not None for spec in pruned)
     tokens = calibration(2, 24, seed=4)
     np.testing.assert_array_equal(np.asarray(again.load_model()(tokens)), np.asarray(model(tokens)))
     assert not list(tmp_path.glob(".out.partial-*"))
@@ -108,7 +124,7 @@ def test_compressed_directory_round_trips(checkpoints, name, tmp_path):
 def test_bad_settings_are_user_errors(checkpoints):
     for ratio in (0.0, 1.0, -0.2, 1.5):
         with pytest.raises(UserError, match="ratio"):
-            compress(checkpoints["opt"], calibration(), CompressionSettings(ratio=ratio), progress=False)
+            compress(checkpoints["opt"], calibration(), equal_split(ratio=ratio), progress=False)
     with pytest.raises(UserError, match="allocation"):
         compress(checkpoints["opt"], calibration(), CompressionSettings(ratio=0.3, allocation="random"),
                  progress=False)
@@ -119,4 +135,4 @@ def test_nan_in_a_statistic_names_the_layer(checkpoints):
     kernel = model.layers[1].attn_norm.weight
     kernel.set_value(kernel[...].at[3].set(jnp.nan))
     with pytest.raises(UserError, match="layer 1"):
-        compress(model, calibration(), CompressionSettings(ratio=0.3, allocation="uniform"), progress=False)
+        compress(model, calibration(), equal_split(ratio=0.3, allocation="uniform"), progress=False)
