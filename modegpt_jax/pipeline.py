@@ -68,6 +68,8 @@ class CompressionSettings:
             raise UserError(f"--allocation must be 'bi' or 'uniform', got {self.allocation!r}")
         if self.ratio > self.max_sparsity:
             raise UserError(f"--ratio {self.ratio} exceeds the maximum per-layer sparsity {self.max_sparsity}")
+        if self.attention_scale < 0:
+            raise UserError(f"--attention-scale must be >= 0, got {self.attention_scale}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
 

@@ -21,3 +21,13 @@ def smollm2():
     from converters.hf_import import HFCheckpoint
 
     return HFCheckpoint("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_models(smollm2):
+    """(our JAX model, transformers' PyTorch model, tokenizer) of the embedded SmolLM2, loaded once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm2.directory, dtype=torch.float32).eval()
+    return smollm2.load_model(), hf, smollm2.load_tokenizer()

@@ -10,14 +10,6 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture(scope="module")
-def models(smollm2):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(smollm2.directory, dtype=torch.float32).eval()
-    return smollm2.load_model(), hf, smollm2.load_tokenizer()
-
-
 def test_config_is_the_published_architecture(smollm2):
     cfg = smollm2.config
     assert (cfg.model_type, cfg.num_layers, cfg.hidden_size) == ("llama", 30, 576)
@@ -25,8 +17,8 @@ def test_config_is_the_published_architecture(smollm2):
     assert cfg.tie_word_embeddings
 
 
-def test_logits_match_on_a_real_sentence(models):
-    ours, hf, tok = models
+def test_logits_match_on_a_real_sentence(smollm2_models):
+    ours, hf, tok = smollm2_models
     text = "The Eiffel Tower was completed in 1889 and remains one of the most visited monuments in Paris."
     ids = np.asarray([tok(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
@@ -36,8 +28,8 @@ def test_logits_match_on_a_real_sentence(models):
     assert np.mean(np.argmax(ref[0, :-1], -1) == ids[0, 1:]) > 0.2
 
 
-def test_perplexity_matches_transformers(models):
-    ours, hf, tok = models
+def test_perplexity_matches_transformers(smollm2_models):
+    ours, hf, tok = smollm2_models
     windows = token_windows(tokenize(tok, embedded_text("heldout")), 256, max_windows=6)
     result = perplexity(ours, windows, batch_size=3, progress=False)
     nll = 0.0

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from modegpt_jax.zeroshot import encode, evaluate_task, load_requests, score
@@ -12,17 +11,9 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture(scope="module")
-def models(smollm2):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(smollm2.directory, dtype=torch.float32).eval()
-    return smollm2.load_model(), hf, smollm2.load_tokenizer()
-
-
 @pytest.mark.parametrize("task", ["piqa", "arc_easy"])
-def test_scores_match_pytorch(models, task):
-    ours, hf, tok = models
+def test_scores_match_pytorch(smollm2_models, task):
+    ours, hf, tok = smollm2_models
     requests = load_requests(task, limit=6)
     assert len({r["doc_id"] for r in requests}) == 6 and len(requests) >= 12
     got = score(ours, tok, requests, batch_size=4, progress=False)
@@ -34,8 +25,8 @@ def test_scores_match_pytorch(models, task):
         assert s == pytest.approx(ref, abs=2e-3)
 
 
-def test_accuracy_is_better_than_chance(models):
-    ours, _, tok = models
+def test_accuracy_is_better_than_chance(smollm2_models):
+    ours, _, tok = smollm2_models
     result = evaluate_task(ours, tok, "piqa", limit=60, progress=False)
     assert result["docs"] == 60
     assert result["acc"] > 0.55  # two choices: chance is 0.5; SmolLM2-135M is well above it on PIQA
