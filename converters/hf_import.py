@@ -126,14 +126,19 @@ class HFCheckpoint:
         return block
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
+        import transformers
 
+        level = transformers.logging.get_verbosity()
+        # transformers loads the model config to find the tokenizer; for our remote-code export that config is
+        # read without the code (a tokenizer needs none), which it reports as a warning: not the user's concern.
+        transformers.logging.set_verbosity_error()
         try:
-            # A tokenizer needs no model code; without this flag transformers asks about our exported remote code.
-            return AutoTokenizer.from_pretrained(self.directory, trust_remote_code=False)
+            return transformers.AutoTokenizer.from_pretrained(self.directory, trust_remote_code=False)
         except Exception as e:
             detail = " ".join(str(e).split())[:300]  # transformers' messages span lines; ours is one line
             raise UserError(f"cannot load a tokenizer from {self.directory}: {detail}") from None
+        finally:
+            transformers.logging.set_verbosity(level)
 
 
 def load_model(spec: str | Path, dtype: Any = jnp.float32) -> Transformer:
