@@ -114,6 +114,22 @@ def _out_dtype(x: Any) -> Any:
     return jax.dtypes.canonicalize_dtype(dt)
 
 
+#: How far the ridge of a factorisation may grow when it fails: statistics summed in float32 over fewer tokens than
+#: channels are singular, and float32 rounding can leave them slightly indefinite, below the default ridge.
+_RIDGE_GROWTH, _RIDGE_LIMIT = 100.0, 1e-2
+
+
+def _with_growing_ridge(what: str, solve, ridge: float):
+    """``solve(ridge)``, retried with a 100x larger relative ridge (up to 1e-2) while its result is not finite."""
+    while True:
+        out = solve(ridge)
+        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(out))
+        if finite or ridge >= _RIDGE_LIMIT:
+            _check_finite(what, *jax.tree.leaves(out))
+            return out
+        ridge = min(max(ridge, 1e-12) * _RIDGE_GROWTH, _RIDGE_LIMIT)
+
+
 def _check_finite(what: str, *arrays: jax.Array) -> None:
     for a in arrays:
         if a is not None and not bool(jnp.all(jnp.isfinite(a))):
@@ -249,9 +265,10 @@ def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, 
         raise ValueError(f"alpha must be > 0, got {alpha}")
 
     with compute_context(precision64) as cdt:
-        kept, w_d = _nystrom_kernel(jnp.asarray(C_s, cdt), jnp.asarray(w_down, cdt), jnp.asarray(alpha, cdt),
-                                    jnp.asarray(_ridge(delta, cdt), cdt), width)
-        _check_finite("nystrom_mlp", w_d)
+        C_c, w_c, alpha_c = jnp.asarray(C_s, cdt), jnp.asarray(w_down, cdt), jnp.asarray(alpha, cdt)
+        kept, w_d = _with_growing_ridge(
+            "nystrom_mlp", lambda r: _nystrom_kernel(C_c, w_c, alpha_c, jnp.asarray(r, cdt), width), _ridge(delta, cdt)
+        )
         kept = kept.astype(jnp.int32)
 
         def take(w, axis):  # exact column selection, in the weight's own dtype
@@ -438,9 +455,10 @@ def vo_svd(C: jax.Array, w_v: jax.Array, w_o: jax.Array, rank: int, n_heads: int
     if not 1 <= rank <= dh:
         raise ValueError(f"rank must be in [1, {dh}], got {rank}")
     with compute_context(precision64) as cdt:
-        wv, wo = _vo_kernel(jnp.asarray(C, cdt), jnp.asarray(w_v, cdt), jnp.asarray(w_o, cdt),
-                            jnp.asarray(_ridge(eps, cdt), cdt), rank, H)
-        _check_finite("vo_svd", wv, wo)
+        C_c, wv_c, wo_c = jnp.asarray(C, cdt), jnp.asarray(w_v, cdt), jnp.asarray(w_o, cdt)
+        wv, wo = _with_growing_ridge(
+            "vo_svd", lambda r: _vo_kernel(C_c, wv_c, wo_c, jnp.asarray(r, cdt), rank, H), _ridge(eps, cdt)
+        )
         return {"w_v": wv.astype(_out_dtype(w_v)), "w_o": wo.astype(_out_dtype(w_o))}
 
 

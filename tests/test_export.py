@@ -102,3 +102,20 @@ def test_mlp_only_compression_exports_the_stock_architecture(tmp_path):
     result, logits = load_in_clean_process(out, tokens, tmp_path)
     assert result["class"] == "LlamaForCausalLM"
     np.testing.assert_allclose(logits, np.asarray(model(tokens)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.real_model
+def test_embedded_smollm2_export_loads_generates_and_matches(smollm2, tmp_path):
+    from converters.hf_export import save_model as save
+    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.pipeline import CompressionSettings
+
+    tokenizer = smollm2.load_tokenizer()
+    tokens = calibration_windows(tokenizer, "wikipedia", 16, 256, 0)  # more tokens than MLP channels
+    model, report = compress(smollm2, tokens, CompressionSettings(ratio=0.3), progress=False)
+    out = save(model, tmp_path / "export", base_hf_config=smollm2.hf_config, tokenizer_dir=smollm2.directory)
+    text = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    result, logits = load_in_clean_process(out, np.asarray([text]), tmp_path)
+    np.testing.assert_allclose(logits, np.asarray(model(np.asarray([text]))), atol=1e-4, rtol=0)
+    assert result["params"] == report["params_after"] < 134_515_008
+    assert result["generate_equals_greedy"]
