@@ -146,6 +146,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from modegpt_jax.pipeline import CompressionSettings
+
+    defaults = CompressionSettings(ratio=0.5)  # the defaults shown in --help are the pipeline's own
     parser = argparse.ArgumentParser(
         prog="modegpt",
         description="MoDeGPT structured compression of language models in JAX.",
@@ -181,14 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
     co.add_argument("--allocation", default="bi", choices=["bi", "uniform"],
                     help="per-layer sparsity: block influence (bi, default) or the same everywhere")
-    co.add_argument("--allocation-eps", type=float, default=None, help="softmax temperature of the BI allocation")
-    co.add_argument("--max-sparsity", type=float, default=None, help="largest sparsity of any one layer")
+    co.add_argument("--allocation-eps", type=float, default=None,
+                    help=f"softmax temperature of the BI allocation (default: {defaults.allocation_eps})")
+    co.add_argument("--max-sparsity", type=float, default=None,
+                    help=f"largest sparsity of any one layer (default: {defaults.max_sparsity})")
     co.add_argument("--attention-scale", type=float, default=None,
                     help="key-query and value-output lose this times the layer's sparsity, the MLP the rest "
-                         "(1 = the paper's equal split)")
+                         f"(1 = the paper's equal split; default: {defaults.attention_scale})")
     co.add_argument("--width-multiple", type=int, default=1, help="round kept widths to a multiple of this")
     co.add_argument("--bi-samples", type=int, default=None,
-                    help="calibration windows used for block influence (default: 16)")
+                    help=f"calibration windows used for block influence (default: {defaults.bi_samples})")
     co.add_argument("--batch-size", type=int, default=8, help="calibration windows per step (default: 8)")
     co.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     co.add_argument("--mesh", default=None,
