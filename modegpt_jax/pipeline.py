@@ -16,6 +16,7 @@ Every stage is also usable alone: :mod:`modegpt_jax.stats`, :mod:`modegpt_jax.de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -145,11 +146,13 @@ def _embed(shell: Transformer, tokens, positions):
 
 
 # -- widths ----------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)  # plan_widths asks for the same shapes on every step of its search
 def block_param_count(cfg: ModelConfig, spec: LayerSpec) -> int:
     """Parameters of one block of these widths (from shapes alone; nothing is allocated)."""
     return count_params(nnx.eval_shape(lambda: Block(cfg, spec, dtype=jnp.float32, rngs=nnx.Rngs(0))))
 
 
+@functools.lru_cache(maxsize=4096)
 def module_param_counts(cfg: ModelConfig, spec: LayerSpec) -> tuple[int, int]:
     """(attention, MLP) parameters of one block, from shapes alone."""
     block = nnx.eval_shape(lambda: Block(cfg, spec, dtype=jnp.float32, rngs=nnx.Rngs(0)))
