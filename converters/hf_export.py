@@ -10,6 +10,7 @@ it appears complete or not at all.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 
 from converters.name_maps import NAME_MAPS, hf_name
 from modegpt_jax.errors import UserError
@@ -129,18 +131,72 @@ def model_card(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_model(model: Transformer, out_dir: str | Path, *, base_hf_config: dict[str, Any],
-               tokenizer_dir: str | Path | None = None, extra_files: dict[str, str] | None = None,
-               modegpt_info: dict[str, Any] | None = None) -> Path:
-    """Write ``out_dir`` atomically: weights, config, tokenizer files and any extra text files."""
+def shard_plan(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names grouped into files of at most ``max_shard_bytes`` (a larger tensor gets a file alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += array.nbytes
+    return shards
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], directory: Path, max_shard_bytes: int) -> list[str]:
+    """``model.safetensors``, or numbered shards with ``model.safetensors.index.json`` above the size limit."""
     from safetensors.numpy import save_file
 
+    shards = shard_plan(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    files, weight_map = [], {}
+    for k, names in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(directory / fname), metadata={"format": "pt"})
+        files.append(fname)
+        weight_map.update(dict.fromkeys(names, fname))
+    index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return files
+
+
+def generation_config(base_hf_config: dict[str, Any]) -> dict[str, Any]:
+    """A ``generation_config.json`` from the model's special tokens, for checkpoints that came without one."""
+    base = base_hf_config.get("base_config", base_hf_config)
+    return {k: base[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if base.get(k) is not None}
+
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def _write_failure(out: Path, error: Exception) -> str:
+    """One line for a failed write, naming the fix (disk full is the common case)."""
+    text = getattr(error, "strerror", None) or str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text:
+        return (f"cannot write {out}: no space left on its file system (nothing was written); "
+                f"free some space or choose an --output on another disk")
+    if getattr(error, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {out}: {text} (nothing was written); choose an --output you can write to"
+    return f"cannot write {out}: {text} (nothing was written)"
+
+
+def save_model(model: Transformer, out_dir: str | Path, *, base_hf_config: dict[str, Any],
+               tokenizer_dir: str | Path | None = None, extra_files: dict[str, str | bytes] | None = None,
+               modegpt_info: dict[str, Any] | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write ``out_dir`` atomically: weights, config, tokenizer files and any extra files.
+
+    ``extra_files`` maps relative paths (``report.json``, ``plots/errors.png``) to text or bytes. Weights above
+    ``max_shard_bytes`` are split into numbered safetensors files with an index, as ``save_pretrained`` does.
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
-        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(hf_state_dict(model), tmp, max_shard_bytes)
         config = export_config(model, base_hf_config, modegpt_info)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if config["model_type"] == "modegpt":
@@ -151,14 +207,22 @@ def save_model(model: Transformer, out_dir: str | Path, *, base_hf_config: dict[
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copy2(src, tmp / fname)
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
+        if not (tmp / "generation_config.json").exists():
+            gen = generation_config(base_hf_config)
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        for fname, content in (extra_files or {}).items():
+            target = tmp / fname
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+        raise UserError(_write_failure(out, e)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

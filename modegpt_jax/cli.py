@@ -101,10 +101,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from converters.hf_export import model_card, save_model
     from converters.hf_import import HFCheckpoint
+    from modegpt_jax import run_config
     from modegpt_jax.calibration import calibration_windows
     from modegpt_jax.mesh import make_mesh
     from modegpt_jax.pipeline import CompressionSettings, compress
+    from modegpt_jax.report import plots, summary_table
 
+    for name in ("ratio", "output"):
+        if getattr(args, name) is None:
+            raise UserError(f"--{name} is required: give it on the command line or as {name}: in --config")
     tuned = {k: v for k, v in (("allocation_eps", args.allocation_eps), ("max_sparsity", args.max_sparsity),
                                ("bi_samples", args.bi_samples), ("attention_scale", args.attention_scale))
              if v is not None}
@@ -113,6 +118,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, **tuned,
     )
     settings.validate()
+    for name in ("allocation_eps", "max_sparsity", "bi_samples", "attention_scale"):  # saved as the values used
+        setattr(args, name, getattr(settings, name))
     out = _check_output(args.output, args.overwrite)
     _init_distributed(args)
     mesh = make_mesh(args.mesh)
@@ -130,19 +137,35 @@ def cmd_compress(args: argparse.Namespace) -> int:
     report["timings_seconds"]["calibration_data"] = round(calib_seconds, 3)
     report["model"] = args.model
     report["calibration"].update(source=args.calib_data, seed=args.seed)
+    config = run_config.resolved_config(args, exclude=("overwrite", "coordinator", "num_processes", "process_id"))
+    report["versions"] = config["versions"]
     if jax.process_index() == 0:
+        if args.eval_perplexity:
+            t = time.perf_counter()
+            report["perplexity"] = _perplexity_before_after(checkpoint, model, tokenizer, args)
+            report["timings_seconds"]["perplexity"] = round(time.perf_counter() - t, 3)
         report["timings_seconds"]["wall"] = round(time.perf_counter() - start, 3)
+        extra = {"report.json": json.dumps(report, indent=2) + "\n", "README.md": model_card(report),
+                 "run_config.yaml": run_config.dump(config)}
+        extra.update({f"plots/{name}": png for name, png in plots(report).items()})
         save_model(model, out, base_hf_config=checkpoint.hf_config, tokenizer_dir=checkpoint.directory,
-                   extra_files={"report.json": json.dumps(report, indent=2) + "\n", "README.md": model_card(report)},
-                   modegpt_info={"method": "MoDeGPT", "target_ratio": args.ratio})
+                   extra_files=extra, modegpt_info={"method": "MoDeGPT", "target_ratio": args.ratio})
         shutil.rmtree(resume_dir, ignore_errors=True)
-        print(
-            f"compressed {args.model}: decoder blocks -{report['achieved_block_ratio']:.1%} "
-            f"(target {args.ratio:.0%}), whole model -{report['achieved_total_ratio']:.1%}, "
-            f"{report['params_before']:,} -> {report['params_after']:,} parameters, "
-            f"{report['timings_seconds']['wall']:.1f} s; written to {out}"
-        )
+        print(summary_table(report))
+        print(f"written to {out} (model, report.json, run_config.yaml, plots/)")
     return 0
+
+
+def _perplexity_before_after(checkpoint, model, tokenizer, args: argparse.Namespace) -> dict:
+    """Held-out perplexity of the dense and the compressed model on the same windows."""
+    from modegpt_jax.perplexity import perplexity, token_windows, tokenize
+    from modegpt_jax.wikipedia import embedded_text
+
+    windows = token_windows(tokenize(tokenizer, embedded_text("heldout")), args.calib_seqlen, args.eval_max_windows)
+    compressed = perplexity(model, windows, progress=True)
+    dense = perplexity(checkpoint.load_model(args.dtype), windows, progress=True)
+    return {"text": "embedded:wikipedia/heldout", "windows": compressed["windows"], "seqlen": compressed["seqlen"],
+            "dense": dense["perplexity"], "compressed": compressed["perplexity"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,11 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     co = sub.add_parser("compress", help="compress a model with MoDeGPT and write it to --output")
+    co.add_argument("--config", help="YAML file of option values (keys are the long option names); options given "
+                                     "on the command line win. Every run saves its own as run_config.yaml")
     co.add_argument("--model", default=DEFAULT_MODEL,
                     help=f"model directory, .gguf file, hub id or embedded name (default: {DEFAULT_MODEL})")
-    co.add_argument("--ratio", type=float, required=True,
-                    help="fraction of decoder-block parameters to remove, in (0, 1)")
-    co.add_argument("--output", required=True, help="directory for the compressed model and report.json")
+    co.add_argument("--ratio", type=float,
+                    help="required: fraction of decoder-block parameters to remove, in (0, 1)")
+    co.add_argument("--output", help="required: directory for the compressed model, report.json and plots")
     co.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     co.add_argument("--calib-data", default="wikipedia",
                     help="wikipedia (embedded calibration split), a .txt/.jsonl/.parquet file, "
@@ -202,13 +227,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="multi-host: coordinator address host:port for jax.distributed.initialize")
     co.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     co.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    co.add_argument("--eval-perplexity", action="store_true",
+                    help="also measure held-out perplexity before and after (embedded text, --calib-seqlen windows)")
+    co.add_argument("--eval-max-windows", type=int, default=None,
+                    help="with --eval-perplexity: only the first N held-out windows (default: all)")
     co.set_defaults(func=cmd_compress)
     return parser
 
 
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; when the command has ``--config FILE``, its values become defaults and argv is parsed again."""
+    from modegpt_jax.run_config import config_defaults
+
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        sub.set_defaults(**config_defaults(sub, args.config))
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
+        args = _apply_config_file(parser, argv)
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

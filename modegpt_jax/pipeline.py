@@ -363,6 +363,12 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise UserError(f"calibration tokens must be [samples, seqlen >= 2], got shape {tokens.shape}")
+    n_tokens = tokens.size * jax.process_count()
+    widest = max(dense.hidden_size, dense.intermediate_size)
+    if n_tokens < widest:
+        log.warning("only %d calibration tokens for statistics of width %d: the fits are underdetermined and "
+                    "will not generalise (perplexity explodes); give at least %d tokens (--calib-samples x "
+                    "--calib-seqlen), the default 64 x 512 is safe", n_tokens, widest, 4 * widest)
     mesh = mesh if mesh is not None else make_mesh(None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -467,6 +473,8 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
             "mlp_width": spec.mlp_width,
             "qk_dim": spec.qk_dim,
             "vo_dim": spec.vo_dim,
+            "params_before": dict(zip(("attention", "mlp"), module_param_counts(dense, dense.layers[i]))),
+            "params_after": dict(zip(("attention", "mlp"), module_param_counts(out_cfg, spec))),
             "errors": errors,
             "seconds": round(time.perf_counter() - lt, 3),
         }

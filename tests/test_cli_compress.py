@@ -35,7 +35,8 @@ def tiny_with_tokenizer(tmp_path_factory, smollm2):
 def test_compress_writes_a_directory_that_eval_reads(tiny_with_tokenizer, tmp_path):
     out = tmp_path / "compressed"
     proc = run_cli("compress", "--model", str(tiny_with_tokenizer), "--ratio", "0.25", "--output", str(out),
-                   "--calib-samples", "8", "--calib-seqlen", "32", "--seed", "3", timeout=600)
+                   "--calib-samples", "8", "--calib-seqlen", "32", "--seed", "3", "--eval-perplexity",
+                   "--eval-max-windows", "2", timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     for key in ("target_ratio", "achieved_block_ratio", "achieved_total_ratio", "params_before", "params_after",
@@ -48,16 +49,79 @@ def test_compress_writes_a_directory_that_eval_reads(tiny_with_tokenizer, tmp_pa
     card = (out / "README.md").read_text()
     assert f"{report['params_before']:,} -> {report['params_after']:,}" in card
 
-    ev = run_cli("eval", "--model", str(out), "--seqlen", "32", "--max-windows", "4", "--json", timeout=600)
-    assert ev.returncode == 0, ev.stderr
-    assert ev.stdout.strip(), ev.stderr[-2000:]
-    assert json.loads(ev.stdout.strip().splitlines()[-1])["windows"] == 4
+    # The perplexities the run measured are those `modegpt eval` gives the dense and the written model.
+    for model, key in ((out, "compressed"), (tiny_with_tokenizer, "dense")):
+        ev = run_cli("eval", "--model", str(model), "--seqlen", "32", "--max-windows", "2", "--json", timeout=600)
+        assert ev.returncode == 0, ev.stderr
+        measured = json.loads(ev.stdout.strip().splitlines()[-1])
+        assert measured["windows"] == report["perplexity"]["windows"] == 2
+        assert measured["perplexity"] == pytest.approx(report["perplexity"][key], rel=1e-5)
+    assert report["perplexity"]["compressed"] != report["perplexity"]["dense"]
+
+    # The console ends with the summary table: one row per layer.
+    rows = [line for line in proc.stdout.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]
+    assert [int(r.split()[0]) for r in rows] == [0, 1, 2]
+    assert [int(r.split()[3]) for r in rows] == [x["mlp_width"] for x in report["layers"]]
+
+    # Plots that open as images, and the resolved configuration with the library versions.
+    import matplotlib.image
+
+    for name in ("allocation", "errors", "params", "perplexity"):
+        image = matplotlib.image.imread(out / "plots" / f"{name}.png")
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
+    import yaml
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert saved["ratio"] == 0.25 and saved["calib-samples"] == 8 and saved["seed"] == 3
+    assert saved["attention-scale"] == report["settings"]["attention_scale"]  # defaults saved as the values used
+    import jax
+    import transformers
+    assert saved["versions"]["jax"] == jax.__version__ == report["versions"]["jax"]
+    assert saved["versions"]["transformers"] == transformers.__version__
 
     # A second run into the same directory is refused without --overwrite, and nothing is touched.
     before = sorted(p.name for p in out.iterdir())
     again = run_cli("compress", "--model", str(tiny_with_tokenizer), "--ratio", "0.25", "--output", str(out))
     assert_user_error(again, "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_saved_config_reproduces_the_run_and_the_command_line_wins(tiny_with_tokenizer, tmp_path):
+    first = tmp_path / "first"
+    args = ("--model", str(tiny_with_tokenizer), "--calib-samples", "4", "--calib-seqlen", "32")
+    proc = run_cli("compress", *args, "--ratio", "0.2", "--output", str(first), "--seed", "1", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    config = first / "run_config.yaml"
+
+    again = tmp_path / "again"
+    proc = run_cli("compress", "--config", str(config), "--output", str(again), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+
+    other = tmp_path / "other"
+    proc = run_cli("compress", "--config", str(config), "--output", str(other), "--ratio", "0.4", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((other / "report.json").read_text())
+    assert report["target_ratio"] == 0.4 and report["calibration"]["seed"] == 1  # flag wins, file fills the rest
+
+
+@pytest.mark.parametrize("content, words", [
+    ("ratio: 0.3\nratoi: 0.2\n", "unknown option 'ratoi'"),
+    ("ratio: lots\n", "ratio must be float"),
+    ("allocation: random\n", "allocation must be one of"),
+    ("- ratio\n", "mapping"),
+    ("ratio: [0.3\n", "not valid YAML"),
+    ("calib-samples: 8\n", "--ratio is required"),
+])
+def test_bad_config_file(tiny_with_tokenizer, tmp_path, content, words):
+    config = tmp_path / "run.yaml"
+    config.write_text(content)
+    proc = run_cli("compress", "--config", str(config), "--output", str(tmp_path / "o"))
+    assert_user_error(proc, words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_config_file(tmp_path):
+    assert_user_error(run_cli("compress", "--config", str(tmp_path / "none.yaml")), "no such file")
 
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.1"])

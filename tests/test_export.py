@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 
 # Runs in a fresh interpreter: loads the export, checks logits, the KV-cache generate and save_pretrained.
 CHECK = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import numpy as np, torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     directory, tokens_file, out_file, resave = sys.argv[1:5]
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
     tokens = torch.as_tensor(np.load(tokens_file))
@@ -37,7 +37,12 @@ CHECK = textwrap.dedent("""
     with torch.no_grad():
         resaved = again(tokens).logits.numpy()
     np.save(out_file, logits)
+    text_ids = None
+    if os.path.exists(os.path.join(directory, "tokenizer.json")):
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+        text_ids = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     print(json.dumps({
+        "text_ids": text_ids,
         "params": sum(p.numel() for p in model.parameters()),
         "class": type(model).__name__,
         "generate_equals_greedy": generated.tolist() == greedy.tolist(),
@@ -119,3 +124,62 @@ def test_embedded_smollm2_export_loads_generates_and_matches(smollm2, tmp_path):
     np.testing.assert_allclose(logits, np.asarray(model(np.asarray([text]))), atol=1e-4, rtol=0)
     assert result["params"] == report["params_after"] < 134_515_008
     assert result["generate_equals_greedy"]
+    assert result["text_ids"] == text  # AutoTokenizer loads the copied tokenizer
+    assert (out / "generation_config.json").is_file()
+
+
+def test_large_weights_are_sharded_with_an_index(tmp_path):
+    ckpt = HFCheckpoint(save_hf_model(make_hf_model("llama_gqa_untied"), tmp_path / "dense"))
+    model, _ = compress(ckpt, calibration(), equal_split(ratio=0.3), progress=False)
+    out = save_model(model, tmp_path / "export", base_hf_config=ckpt.hf_config, max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert all((out / name).stat().st_size < 40_000 + 20_000 for name in shards)  # limit + one tensor + header
+    tokens = np.random.default_rng(3).integers(0, 128, (2, 11))
+    result, logits = load_in_clean_process(out, tokens, tmp_path)
+    np.testing.assert_allclose(logits, np.asarray(model(tokens)), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(HFCheckpoint(out).load_model()(tokens)), np.asarray(model(tokens)))
+
+
+def _small_model(tmp_path):
+    ckpt = HFCheckpoint(save_hf_model(make_hf_model("llama_gqa_untied"), tmp_path / "dense"))
+    return ckpt, ckpt.load_model()
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """The write fails as a full disk does (ENOSPC from safetensors): a UserError naming the fix, no files."""
+    import safetensors.numpy
+
+    from modegpt_jax.errors import UserError
+
+    ckpt, model = _small_model(tmp_path)
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    with pytest.raises(UserError, match="no space left.*free some space or choose an --output"):
+        save_model(model, parent / "export", base_hf_config=ckpt.hf_config)
+    assert list(parent.iterdir()) == []
+
+
+def test_disk_full_on_a_real_small_file_system(tmp_path):
+    """The same on a 256 KiB tmpfs, where the kernel itself refuses the write (needs root, else skipped)."""
+    from modegpt_jax.errors import UserError
+
+    ckpt, model = _small_model(tmp_path)
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        with pytest.raises(UserError, match="no space left"):
+            save_model(model, mount / "export", base_hf_config=ckpt.hf_config)
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
