@@ -91,8 +91,9 @@ def _init_distributed(args: argparse.Namespace) -> None:
         return
     import jax
 
-    if jax.default_backend() == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Collectives between CPU processes (touches only the CPU backend; asking which backend is in use here would
+    # start it, and initialize() must come first).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
 
 

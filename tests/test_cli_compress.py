@@ -169,3 +169,34 @@ def test_eight_devices_give_the_same_compressed_model(tiny_with_tokenizer, tmp_p
             assert a["block_influence"] == pytest.approx(b["block_influence"], rel=1e-4, abs=1e-6)
             for key in ("mlp", "vo", "qk_score_dropped"):
                 assert a["errors"][key] == pytest.approx(b["errors"][key], rel=1e-3, abs=1e-6)
+
+
+def test_two_processes_give_the_same_compressed_model(tiny_with_tokenizer, tmp_path):
+    """`modegpt compress` as two jax.distributed processes (gloo on CPU) matches one process."""
+    import socket
+
+    import numpy as np
+
+    from converters.hf_import import HFCheckpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["compress", "--model", str(tiny_with_tokenizer), "--ratio", "0.3", "--calib-samples", "8",
+            "--calib-seqlen", "32"]
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    procs = [subprocess.Popen([sys.executable, "-m", "modegpt_jax.cli", *args, "--output", str(multi),
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    proc = run_cli(*args, "--output", str(single), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a, b = (json.loads((d / "report.json").read_text()) for d in (multi, single))
+    assert a["devices"]["processes"] == 2 and a["calibration"]["samples"] == 8
+    assert [x["mlp_width"] for x in a["layers"]] == [x["mlp_width"] for x in b["layers"]]
+    tokens = np.random.default_rng(0).integers(0, 1000, (2, 16))
+    np.testing.assert_allclose(np.asarray(HFCheckpoint(multi).load_model()(tokens)),
+                               np.asarray(HFCheckpoint(single).load_model()(tokens)), atol=1e-4, rtol=0)
+    assert not list(tmp_path.glob(".*.resume"))  # the resume state is gone once the output is written
