@@ -94,7 +94,16 @@ def _init_distributed(args: argparse.Namespace) -> None:
     # Collectives between CPU processes (touches only the CPU backend; asking which backend is in use here would
     # start it, and initialize() must come first).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    try:
+        if args.coordinator == "auto":  # TPU pods, SLURM and other clusters JAX detects by itself
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                                       process_id=args.process_id)
+    except (ValueError, RuntimeError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"jax.distributed.initialize failed ({detail}): check --coordinator HOST:PORT (or auto), "
+                        f"--num-processes and --process-id") from None
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -225,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--mesh", default=None,
                     help="device mesh, e.g. data=8 or data=4,model=2 (default: every device on data)")
     co.add_argument("--coordinator", default=None,
-                    help="multi-host: coordinator address host:port for jax.distributed.initialize")
+                    help="multi-host: coordinator address host:port for jax.distributed.initialize, or auto "
+                         "where JAX finds the cluster itself (TPU pod slices, SLURM)")
     co.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     co.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     co.add_argument("--eval-perplexity", action="store_true",

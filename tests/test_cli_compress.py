@@ -200,3 +200,10 @@ def test_two_processes_give_the_same_compressed_model(tiny_with_tokenizer, tmp_p
     np.testing.assert_allclose(np.asarray(HFCheckpoint(multi).load_model()(tokens)),
                                np.asarray(HFCheckpoint(single).load_model()(tokens)), atol=1e-4, rtol=0)
     assert not list(tmp_path.glob(".*.resume"))  # the resume state is gone once the output is written
+
+
+def test_incomplete_multi_host_arguments(tiny_with_tokenizer, tmp_path):
+    proc = run_cli("compress", "--model", str(tiny_with_tokenizer), "--ratio", "0.3", "--output", str(tmp_path / "o"),
+                   "--coordinator", "127.0.0.1:1")
+    assert_user_error(proc, "jax.distributed.initialize failed", "--num-processes")
+    assert not (tmp_path / "o").exists()
