@@ -167,6 +167,29 @@ def _perplexity_before_after(checkpoint, model, tokenizer, args: argparse.Namesp
             "dense": dense["perplexity"], "compressed": compressed["perplexity"]}
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from modegpt_jax.throughput import (BenchSettings, compressed_model, format_table, parse_int_list, run_benchmark,
+                                        write_json)
+
+    settings = BenchSettings(
+        batch_sizes=parse_int_list(args.batch_sizes, "--batch-sizes"), prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, repeats=args.repeats,
+        frameworks=tuple(f.strip() for f in args.frameworks.split(",") if f.strip()), threads=args.threads,
+    )
+    settings.validate()
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    with compressed_model(args.model, args.compressed, args.ratio, log) as compressed:
+        result = run_benchmark(args.model, compressed, settings, log)
+    result["compressed"] = args.compressed or f"{args.model} compressed at ratio {args.ratio}"
+    print(format_table(result))
+    if args.json:
+        print(f"written to {write_json(result, args.json)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from modegpt_jax.pipeline import CompressionSettings
 
@@ -238,6 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--eval-max-windows", type=int, default=None,
                     help="with --eval-perplexity: only the first N held-out windows (default: all)")
     co.set_defaults(func=cmd_compress)
+
+    be = sub.add_parser("bench", help="prefill/decode tokens/s of a dense model and its compressed version, "
+                                      "in JAX and in PyTorch, with a KV cache")
+    be.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"the dense model: directory, .gguf file, hub id or embedded name (default: {DEFAULT_MODEL})")
+    be.add_argument("--compressed", help="a directory written by modegpt compress (its compressed version)")
+    be.add_argument("--ratio", type=float,
+                    help="instead of --compressed: compress --model at this ratio first (default settings)")
+    be.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default: 1,8)")
+    be.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default: 128)")
+    be.add_argument("--new-tokens", type=int, default=64, help="greedy tokens decoded per sequence (default: 64)")
+    be.add_argument("--repeats", type=int, default=5,
+                    help="timed runs per model after a warm-up, dense and compressed interleaved; the median is "
+                         "reported (default: 5)")
+    be.add_argument("--frameworks", default="jax,torch", help="jax, torch or both (default: jax,torch)")
+    be.add_argument("--threads", type=int, default=None,
+                    help="PyTorch intra-op threads (default: one per core, as JAX's CPU client uses)")
+    be.add_argument("--json", help="also write the results to this JSON file")
+    be.set_defaults(func=cmd_bench)
     return parser
 
 

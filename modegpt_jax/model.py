@@ -106,6 +106,68 @@ class Attention(nnx.Module):
             allowed = allowed & attention_mask.astype(bool)[:, None, None, None, :]
         return allowed
 
+    def attend_cached(self, x: jax.Array, positions: jax.Array, keys: jax.Array, values: jax.Array,
+                      start: jax.Array, key_mask: jax.Array,
+                      qkv: tuple[jax.Array, jax.Array | None] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention of ``T`` new tokens written into a preallocated KV cache at index ``start``.
+
+        ``keys [B, G, S, qk']`` hold post-RoPE keys and ``values [B, G, S, vo']``; ``key_mask [B, S]`` marks the
+        entries that are not padding (the new tokens' included). The new tokens sit at cache indices
+        ``start..start+T-1`` and see every earlier index (causal, windowed by index like ``__call__``).
+        Returns the output and the updated cache. The cache widths ``qk' >= qk_dim`` and ``vo' >= vo_dim`` may
+        be padded with zero channels (which change no score and no output) so its rows stay aligned.
+        ``qkv``: optionally the q/k/v kernels (and biases) concatenated ``[d, (H + G) qk + G vo (+ zero
+        columns)]``, one product instead of three (see :func:`modegpt_jax.generate.decode_weights`).
+        """
+        B, T, _ = x.shape
+        G, n = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        if qkv is None:
+            q, k = self.project_qk(x)
+            v = self.v_proj(x)
+        else:
+            y = x @ qkv[0]
+            if qkv[1] is not None:
+                y = y + qkv[1]
+            nq, nk = self.num_heads * self.qk_dim, G * self.qk_dim
+            q, k, v = y[..., :nq], y[..., nq : nq + nk], y[..., nq + nk : nq + nk + G * self.vo_dim]
+            k = k.reshape(B, T, G, self.qk_dim)
+        v = v.reshape(B, T, G, self.vo_dim)
+        q = q.reshape(B, T, G, n, self.qk_dim)
+        if self.rope_freqs is not None:
+            # The kept pairs' frequencies are a buffer; per step only B*T*G*qk/2 angles are computed (fused).
+            cos, sin = rope_tables(positions, self.rope_freqs[...])
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qk_pad, vo_pad = keys.shape[-1] - self.qk_dim, values.shape[-1] - self.vo_dim
+        if qk_pad:
+            q = jnp.pad(q, [(0, 0)] * 4 + [(0, qk_pad)])
+            k = jnp.pad(k, [(0, 0)] * 3 + [(0, qk_pad)])
+        if vo_pad:
+            v = jnp.pad(v, [(0, 0)] * 3 + [(0, vo_pad)])
+        at = (0, 0, start, 0)
+        keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 1, 3).astype(keys.dtype), at)
+        values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 1, 3).astype(values.dtype), at)
+        S = keys.shape[2]
+        i = start + jnp.arange(T)[:, None]
+        j = jnp.arange(S)[None, :]
+        allowed = j <= i
+        if self.sliding_window is not None:
+            allowed &= j > i - self.sliding_window
+        allowed = allowed[None, None, None] & key_mask.astype(bool)[:, None, None, None, :]  # [B, 1, 1, T, S]
+        if T == 1:
+            # One token: products as multiply-and-sum, which XLA fuses with the in-place cache update. As dots
+            # (einsum), XLA:CPU copies the whole cache of every layer, several times, on every step.
+            scores = jnp.sum(q[:, 0, :, :, None, :] * keys[:, :, None], axis=-1)[:, :, :, None]  # [B, G, n, 1, S]
+        else:
+            scores = jnp.einsum("btgnd,bgsd->bgnts", q, keys)
+        scores = jnp.where(allowed, scores.astype(jnp.float32) * self.scale, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        if T == 1:
+            out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)  # [B, G, n, vo]
+        else:
+            out = jnp.einsum("bgnts,bgsd->btgnd", probs, values)
+        out = out[..., : self.vo_dim].reshape(B, T, self.num_heads * self.vo_dim)
+        return self.o_proj(out), keys, values
+
     def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
         B, T, _ = x.shape
         G, n = self.num_kv_heads, self.num_heads // self.num_kv_heads
@@ -152,6 +214,34 @@ class Block(nnx.Module):
     def __call__(self, h: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         h = h + self.attn(self.attn_norm(h), positions, attention_mask)
         return h + self.mlp(self.mlp_norm(h))
+
+    def extend(self, h: jax.Array, positions: jax.Array, keys: jax.Array, values: jax.Array, start: jax.Array,
+               key_mask: jax.Array, fused: dict | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block on new tokens with a KV cache (see :meth:`Attention.attend_cached`). ``fused``: optionally
+        this block's decoding layout from :func:`modegpt_jax.generate.decode_weights`: ``{"qkv": (kernel,
+        bias), "mlp_in": (kernel, bias), "mlp_down": kernel}``, the MLP's gate and up kernels side by side
+        (or up alone) and the down kernel, all zero-padded to a common intermediate width."""
+        if fused is None:
+            a, keys, values = self.attn.attend_cached(self.attn_norm(h), positions, keys, values, start, key_mask)
+            h = h + a
+            return h + self.mlp(self.mlp_norm(h)), keys, values
+        a, keys, values = self.attn.attend_cached(self.attn_norm(h), positions, keys, values, start, key_mask,
+                                                  fused["qkv"])
+        h = h + a
+        kernel, bias = fused["mlp_in"]
+        y = self.mlp_norm(h) @ kernel
+        if bias is not None:
+            y = y + bias
+        if self.mlp.gate_proj is not None:
+            gate, up = jnp.split(y, 2, axis=-1)
+            y = self.mlp.act(gate) * up
+        else:
+            y = self.mlp.act(y)
+        # Zero-padded channels stay zero (act(0) * 0 = 0, relu(0) = gelu(0) = 0) and meet zero rows of down.
+        out = y @ fused["mlp_down"]
+        if self.mlp.down_proj.bias is not None:
+            out = out + self.mlp.down_proj.bias[...]
+        return h + out, keys, values
 
 
 @functools.partial(jax.jit, static_argnums=0)

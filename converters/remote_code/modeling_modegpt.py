@@ -49,9 +49,59 @@ def make_norm(cfg, d):
     return nn.LayerNorm(d, eps=cfg["norm_eps"])
 
 
-def rotate_half(x):
+def swap_halves(x):
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x, cos, sin_signed):
+    """``x * cos + rotate_half(x) * sin`` with rotate_half's sign folded into the table (exact: a negation)."""
+    return torch.addcmul(x * cos, swap_halves(x), sin_signed)
+
+
+class RopeTables:
+    """cos/sin of every layer's kept pairs, computed once per forward pass for all layers together.
+
+    Each layer's per-group frequencies [G, k] are doubled to the rotate_half layout [G, 2k] and laid end to end;
+    one product with the position ids gives every layer's angles, and each layer takes a view. The sign of
+    rotate_half is folded into the sine table, so applying RoPE costs a layer no table work at all.
+    """
+
+    def __init__(self, layers, device):
+        freqs, signs, self.spans = [], [], []
+        start = 0
+        for layer in layers:
+            f = layer.get("rope_frequencies")
+            if f is None:
+                self.spans.append(None)
+                continue
+            f = torch.tensor(f, dtype=torch.float32, device=device)  # [G, k]
+            G, k = f.shape
+            freqs.append(torch.cat((f, f), dim=-1).reshape(-1))
+            sign = torch.ones(G, 2 * k, dtype=torch.float32, device=device)
+            sign[:, :k] = -1.0
+            signs.append(sign.reshape(-1))
+            self.spans.append((start, G, 2 * k))
+            start += G * 2 * k
+        self.freqs = torch.cat(freqs) if freqs else None
+        self.signs = torch.cat(signs) if signs else None
+
+    def __call__(self, position_ids, dtype):
+        """Per layer: (cos, signed sin) [B, G, T, 2k] views of two [B, T, F] tables, or None (no RoPE)."""
+        if self.freqs is None:
+            return [None] * len(self.spans)
+        angles = position_ids.float()[:, :, None] * self.freqs
+        cos, sin = angles.cos().to(dtype), (angles.sin() * self.signs).to(dtype)
+        B, T = position_ids.shape
+        out = []
+        for span in self.spans:
+            if span is None:
+                out.append(None)
+                continue
+            start, G, width = span
+            view = lambda t: t[:, :, start:start + G * width].view(B, T, G, width).transpose(1, 2)  # noqa: E731
+            out.append((view(cos), view(sin)))
+        return out
 
 
 class Attention(nn.Module):
@@ -66,38 +116,33 @@ class Attention(nn.Module):
         setattr(self, names[2], nn.Linear(d, G * self.qk, bias=cfg["qkv_bias"]))
         setattr(self, names[3], nn.Linear(d, G * self.vo, bias=cfg["qkv_bias"]))
         setattr(self, names[4], nn.Linear(H * self.vo, d, bias=cfg["o_bias"]))
-        # Kept pairs' original frequencies [G, qk/2], from the configuration. Not a buffer: from_pretrained
-        # materialises non-persistent buffers uninitialised. Built once per device, not on every step.
-        self.rope_frequencies = layer.get("rope_frequencies")
-        self._freqs_on: dict = {}
 
-    def freqs(self, device):
-        if device not in self._freqs_on:
-            self._freqs_on[device] = torch.tensor(self.rope_frequencies, dtype=torch.float32, device=device)
-        return self._freqs_on[device]
-
-    def forward(self, x, position_ids, mask, cache):
+    def forward(self, x, rope, mask, cache):
+        """``rope``: this layer's (cos, signed sin) [B, G, T, qk] from RopeTables, or None; ``mask``: additive
+        [B, 1, T, S] or None (nothing to mask)."""
         B, T, _ = x.shape
-        q = getattr(self, self.names[1])(x).view(B, T, self.H, self.qk).transpose(1, 2)
-        k = getattr(self, self.names[2])(x).view(B, T, self.G, self.qk).transpose(1, 2)
-        v = getattr(self, self.names[3])(x).view(B, T, self.G, self.vo).transpose(1, 2)
-        if self.rope_frequencies is not None:
-            angles = position_ids.float()[:, None, :, None] * self.freqs(x.device)[None, :, None, :]  # [B, G, T, k]
-            angles = torch.cat((angles, angles), dim=-1)
-            cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-            k = k * cos + rotate_half(k) * sin
-            n = self.H // self.G
-            cos_q, sin_q = cos.repeat_interleave(n, dim=1), sin.repeat_interleave(n, dim=1)
-            q = q * cos_q + rotate_half(q) * sin_q
+        G, n = self.G, self.H // self.G
+        # Query heads grouped under their KV head: [B, G, n, T, qk]. The grouped products below read the cache
+        # as it is, instead of repeating its keys and values for every query head on every step.
+        # Looked up on every call, not cached: quantisation and adapters (PEFT) replace these modules in place.
+        q_lin, k_lin, v_lin, o_lin = (getattr(self, name) for name in self.names[1:5])
+        q = q_lin(x).view(B, T, G, n, self.qk).permute(0, 2, 3, 1, 4)
+        k = k_lin(x).view(B, T, G, self.qk).transpose(1, 2)
+        v = v_lin(x).view(B, T, G, self.vo).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            k = apply_rope(k, cos, sin)
+            q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        if self.H != self.G:
-            k = k.repeat_interleave(self.H // self.G, dim=1)
-            v = v.repeat_interleave(self.H // self.G, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)).float() * self.scale + mask
+        S = k.shape[2]
+        scores = torch.matmul(q.reshape(B, G, n * T, self.qk), k.transpose(2, 3)).view(B, G, n, T, S)
+        scores = scores.float() * self.scale
+        if mask is not None:
+            scores = scores + mask[:, :, None]
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(B, T, self.H * self.vo)
-        return getattr(self, self.names[4])(out)
+        out = torch.matmul(probs.view(B, G, n * T, S), v).view(B, G, n, T, self.vo)
+        return o_lin(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.H * self.vo))
 
 
 class MLP(nn.Module):
@@ -136,9 +181,9 @@ class Block(nn.Module):
             self.mlp = mlp
             self._mlp = [mlp]
 
-    def forward(self, h, position_ids, masks, cache):
+    def forward(self, h, rope, masks, cache):
         mask = masks[self.window]
-        h = h + self.self_attn(getattr(self, self.names[0])(h), position_ids, mask, cache)
+        h = h + self.self_attn(getattr(self, self.names[0])(h), rope, mask, cache)
         return h + self._mlp[0](getattr(self, self.names[5])(h))
 
 
@@ -178,6 +223,7 @@ class ModeGPTForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         embed = "model.decoder.embed_tokens.weight" if cfg["model_type"] == "opt" else "model.embed_tokens.weight"
         self._tied_weights_keys = {"lm_head.weight": embed} if config.tie_word_embeddings else {}
+        self._rope_on: dict = {}
         self.post_init()
 
     @property
@@ -199,8 +245,21 @@ class ModeGPTForCausalLM(PreTrainedModel, GenerationMixin):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def rope_tables(self, device):
+        # Not buffers: from_pretrained materialises non-persistent buffers uninitialised. Built once per device.
+        if device not in self._rope_on:
+            self._rope_on[device] = RopeTables(self.config.modegpt["layers"], device)
+        return self._rope_on[device]
+
     def _masks(self, attention_mask, B, T, past, device):
-        """Additive masks [B, 1, T, past+T], one per distinct sliding window (None = full causal)."""
+        """Additive masks [B, 1, T, past+T], one per distinct sliding window (None = full causal); a mask that
+        would hide nothing (one new token, no padding, the window not reached) is None."""
+        windows = {layer.window for layer in self.decoder.layers}
+        if T == 1 and attention_mask is None and all(w is None or past + T <= w for w in windows):
+            return dict.fromkeys(windows)
+        return self._masks_full(attention_mask, B, T, past, device)
+
+    def _masks_full(self, attention_mask, B, T, past, device):
         S = past + T
         i = torch.arange(past, S, device=device)[:, None]
         j = torch.arange(S, device=device)[None, :]
@@ -238,8 +297,9 @@ class ModeGPTForCausalLM(PreTrainedModel, GenerationMixin):
         if cfg["learned_positions"]:
             h = h + dec.embed_positions(position_ids.clamp(min=-cfg["position_offset"]) + cfg["position_offset"])
         masks = self._masks(attention_mask, B, T, past, h.device)
-        for layer in dec.layers:
-            h = layer(h, position_ids, masks, cache if use_cache else None)
+        ropes = self.rope_tables(h.device)(position_ids, h.dtype)
+        for layer, rope in zip(dec.layers, ropes):
+            h = layer(h, rope, masks, cache if use_cache else None)
         h = dec.final_norm(h)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
