@@ -26,12 +26,21 @@ def compress_cmd(model, out, ratio="0.3"):
 
 
 def deterministic_files(directory):
-    files = {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "report.json"}
+    """Every file byte for byte (plots included), the report less its timings, the saved configuration less the
+    output path (the two runs write to different directories)."""
+    import yaml
+
+    records = {"report.json", "run_config.yaml"}
+    files = {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name not in records}
+    assert "plots/allocation.png" in files
     report = json.loads((directory / "report.json").read_text())
     report.pop("timings_seconds")
     for layer in report["layers"]:
         layer.pop("seconds")
-    return files, report
+    config = yaml.safe_load((directory / "run_config.yaml").read_text())
+    assert config.pop("output") == str(directory)
+    return files, report, config
 
 
 def test_kill_and_resume_gives_the_same_output(tiny, tmp_path):
