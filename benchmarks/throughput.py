@@ -16,8 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from modegpt_jax.throughput import (BenchSettings, compressed_model, format_table, parse_int_list, run_benchmark,
-                                    write_json)
+from modegpt_jax.throughput import (
+    BenchSettings,
+    compressed_model,
+    format_table,
+    parse_int_list,
+    run_benchmark,
+    write_json,
+)
 
 
 def main() -> int:

@@ -168,8 +168,14 @@ def _perplexity_before_after(checkpoint, model, tokenizer, args: argparse.Namesp
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from modegpt_jax.throughput import (BenchSettings, compressed_model, format_table, parse_int_list, run_benchmark,
-                                        write_json)
+    from modegpt_jax.throughput import (
+        BenchSettings,
+        compressed_model,
+        format_table,
+        parse_int_list,
+        run_benchmark,
+        write_json,
+    )
 
     settings = BenchSettings(
         batch_sizes=parse_int_list(args.batch_sizes, "--batch-sizes"), prompt_len=args.prompt_len,

@@ -1,7 +1,7 @@
 """KV-cache decoding for :class:`~modegpt_jax.model.Transformer`: jitted prefill, decode step and greedy loop.
 
 The cache is preallocated at a fixed ``max_length`` so every step has the same shapes and compiles once. Each
-layer's cache follows that layer's widths: post-RoPE keys ``[B, G, S, qk_dim]`` and values ``[B, G, S, vo_dim]``
+layer's cache follows that layer's widths: post-RoPE keys ``[B, G, qk_dim, S]`` and values ``[B, G, S, vo_dim]``
 (rows zero-padded to a multiple of 8, ``CACHE_WIDTH_MULTIPLE``). RoPE uses each layer's kept-pair frequencies, a
 model buffer; a step computes only its own B*G*qk/2 angles, fused into the rotation. Positions follow
 :meth:`Transformer.positions`, so cached decoding gives the logits of the full forward pass over the same
@@ -31,7 +31,7 @@ from modegpt_jax.model import Transformer
 
 
 class KVCache(NamedTuple):
-    keys: tuple[jax.Array, ...]  # per layer [B, G, S, qk_dim (padded)], after RoPE
+    keys: tuple[jax.Array, ...]  # per layer [B, G, qk_dim (padded), S], after RoPE (transposed: see attend_cached)
     values: tuple[jax.Array, ...]  # per layer [B, G, S, vo_dim (padded)]
     key_mask: jax.Array  # [B, S] bool: written and not padding
     length: jax.Array  # int32 scalar: cache indices already written
@@ -60,7 +60,7 @@ def init_cache(model: Transformer | CachedDecoder, batch: int, max_length: int,
     cfg, dtype = model.config, model.dtype
     G = cfg.num_kv_heads
     return KVCache(
-        keys=tuple(jnp.zeros((batch, G, max_length, _padded(s.qk_dim, width_multiple)), dtype) for s in cfg.layers),
+        keys=tuple(jnp.zeros((batch, G, _padded(s.qk_dim, width_multiple), max_length), dtype) for s in cfg.layers),
         values=tuple(jnp.zeros((batch, G, max_length, _padded(s.vo_dim, width_multiple)), dtype)
                      for s in cfg.layers),
         key_mask=jnp.zeros((batch, max_length), bool),
@@ -103,7 +103,7 @@ class _Structure:
     lookup an identity check, and equal models share compiled code.
     """
 
-    __slots__ = ("graphdef", "treedef", "_hash")
+    __slots__ = ("_hash", "graphdef", "treedef")
 
     def __init__(self, graphdef, treedef):
         self.graphdef, self.treedef = graphdef, treedef

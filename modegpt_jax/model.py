@@ -111,7 +111,9 @@ class Attention(nnx.Module):
                       qkv: tuple[jax.Array, jax.Array | None] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Attention of ``T`` new tokens written into a preallocated KV cache at index ``start``.
 
-        ``keys [B, G, S, qk']`` hold post-RoPE keys and ``values [B, G, S, vo']``; ``key_mask [B, S]`` marks the
+        ``keys [B, G, qk', S]`` hold post-RoPE keys, transposed so a step's scores are sums over rows that run
+        along ``S`` (XLA:CPU vectorises those; sums along a 60-wide row are slower), and ``values [B, G, S,
+        vo']``; ``key_mask [B, S]`` marks the
         entries that are not padding (the new tokens' included). The new tokens sit at cache indices
         ``start..start+T-1`` and see every earlier index (causal, windowed by index like ``__call__``).
         Returns the output and the updated cache. The cache widths ``qk' >= qk_dim`` and ``vo' >= vo_dim`` may
@@ -137,16 +139,15 @@ class Attention(nnx.Module):
             # The kept pairs' frequencies are a buffer; per step only B*T*G*qk/2 angles are computed (fused).
             cos, sin = rope_tables(positions, self.rope_freqs[...])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        qk_pad, vo_pad = keys.shape[-1] - self.qk_dim, values.shape[-1] - self.vo_dim
+        qk_pad, vo_pad = keys.shape[2] - self.qk_dim, values.shape[-1] - self.vo_dim
         if qk_pad:
             q = jnp.pad(q, [(0, 0)] * 4 + [(0, qk_pad)])
             k = jnp.pad(k, [(0, 0)] * 3 + [(0, qk_pad)])
         if vo_pad:
             v = jnp.pad(v, [(0, 0)] * 3 + [(0, vo_pad)])
-        at = (0, 0, start, 0)
-        keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 1, 3).astype(keys.dtype), at)
-        values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 1, 3).astype(values.dtype), at)
-        S = keys.shape[2]
+        keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 3, 1).astype(keys.dtype), (0, 0, 0, start))
+        values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 1, 3).astype(values.dtype), (0, 0, start, 0))
+        S = keys.shape[3]
         i = start + jnp.arange(T)[:, None]
         j = jnp.arange(S)[None, :]
         allowed = j <= i
@@ -156,9 +157,9 @@ class Attention(nnx.Module):
         if T == 1:
             # One token: products as multiply-and-sum, which XLA fuses with the in-place cache update. As dots
             # (einsum), XLA:CPU copies the whole cache of every layer, several times, on every step.
-            scores = jnp.sum(q[:, 0, :, :, None, :] * keys[:, :, None], axis=-1)[:, :, :, None]  # [B, G, n, 1, S]
+            scores = jnp.sum(q[:, 0, :, :, :, None] * keys[:, :, None], axis=-2)[:, :, :, None]  # [B, G, n, 1, S]
         else:
-            scores = jnp.einsum("btgnd,bgsd->bgnts", q, keys)
+            scores = jnp.einsum("btgnd,bgds->bgnts", q, keys)
         scores = jnp.where(allowed, scores.astype(jnp.float32) * self.scale, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         if T == 1:

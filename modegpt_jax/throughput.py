@@ -19,8 +19,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -90,9 +91,9 @@ def jax_runner(model) -> Callable[[np.ndarray, int], tuple[float, float, np.ndar
 
 
 def torch_runner(model) -> Callable[[np.ndarray, int], tuple[float, float, np.ndarray]]:
-    import torch
-
     import inspect
+
+    import torch
 
     # transformers 5 names the cache argument `cache` (the old name still works, with a warning per call)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -154,7 +155,8 @@ def compressed_model(dense: str, compressed: str | None, ratio: float | None,
     checkpoint = HFCheckpoint(dense)
     windows = calibration_windows(checkpoint.load_tokenizer(), "wikipedia", 64, 512, 0)
     log(f"compressing {dense} at ratio {ratio} (default settings) ...")
-    model, _ = compress(checkpoint, windows, settings)
+    model, report = compress(checkpoint, windows, settings, progress=False)
+    log(f"compressed: decoder blocks -{report['achieved_block_ratio']:.1%}")
     with tempfile.TemporaryDirectory(prefix="modegpt-bench-") as tmp:
         out = save_model(model, Path(tmp) / "compressed", base_hf_config=checkpoint.hf_config,
                          tokenizer_dir=checkpoint.directory)
@@ -256,6 +258,9 @@ def run_benchmark(dense: str, compressed: str, settings: BenchSettings,
                 a = np.asarray(by[("jax", batch)][model]["generated"])
                 b = np.asarray(by[("torch", batch)][model]["generated"])
                 agreement[f"{model}_batch{batch}"] = float((a == b).mean())
+    for row in rows:  # the tokens themselves stay out of the JSON
+        for model in ("dense", "compressed"):
+            row[model].pop("generated")
     return {
         "dense": dense,
         "compressed": compressed,
@@ -288,8 +293,8 @@ def machine_info(settings: BenchSettings) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     """A Markdown table: tokens/s of each model and the compressed/dense ratio, per framework and batch."""
     lines = [
-        "| framework | batch | prefill dense | prefill compressed | prefill x | decode dense | decode compressed "
-        "| decode x |",
+        ("| framework | batch | prefill dense | prefill compressed | prefill x | decode dense | decode compressed "
+         "| decode x |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:

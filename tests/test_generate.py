@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from converters.hf_import import HFCheckpoint
-from modegpt_jax.generate import CachedDecoder, decode_step, generate, init_cache, prefill
+from modegpt_jax.generate import (
+    CachedDecoder,
+    decode_step,
+    generate,
+    init_cache,
+    prefill,
+)
 from modegpt_jax.pipeline import compress
 from tests.hf_models import make_hf_model, save_hf_model
 from tests.test_pipeline import equal_split
@@ -46,7 +52,7 @@ def test_cached_steps_match_full_forward(compressed, width_multiple, fuse):
     tokens = np.random.default_rng(1).integers(0, 128, (2, 14))
     full = np.asarray(model(tokens))
     cache = init_cache(model, batch=2, max_length=16, width_multiple=width_multiple)
-    widths = {k.shape[-1] for k in cache.keys + cache.values}
+    widths = {k.shape[2] for k in cache.keys} | {v.shape[3] for v in cache.values}
     assert all(w % width_multiple == 0 for w in widths)
     logits, cache = decoder.prefill(tokens[:, :8], cache, last_only=False)
     np.testing.assert_allclose(np.asarray(logits), full[:, :8], atol=1e-4, rtol=0)

@@ -7,7 +7,14 @@ from converters.hf_export import save_model
 from converters.hf_import import HFCheckpoint
 from modegpt_jax.cli import main
 from modegpt_jax.pipeline import compress
-from modegpt_jax.throughput import format_table, jax_runner, load_jax, load_torch, measure_pair, torch_runner
+from modegpt_jax.throughput import (
+    format_table,
+    jax_runner,
+    load_jax,
+    load_torch,
+    measure_pair,
+    torch_runner,
+)
 from tests.hf_models import make_hf_model, save_hf_model
 from tests.test_pipeline import equal_split
 

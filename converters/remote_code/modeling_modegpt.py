@@ -99,8 +99,8 @@ class RopeTables:
                 out.append(None)
                 continue
             start, G, width = span
-            view = lambda t: t[:, :, start:start + G * width].view(B, T, G, width).transpose(1, 2)  # noqa: E731
-            out.append((view(cos), view(sin)))
+            out.append(tuple(t[:, :, start:start + G * width].view(B, T, G, width).transpose(1, 2)
+                             for t in (cos, sin)))
         return out
 
 
