@@ -1,10 +1,12 @@
 """Compression benchmark: wall time of each phase against one plain forward pass over the same tokens.
 
     python benchmarks/compress.py [--model smollm2-135m] [--ratio 0.3] [--calib-samples 64] [--calib-seqlen 512]
-                                  [--json benchmarks/results/compress.json]
+                                  [--activation-dtype float32|bfloat16] [--json benchmarks/results/compress.json]
 
-Prints a table and writes JSON. Peak resident memory is measured in separate child processes, one for the plain
-forward pass and one for the compression, so neither inflates the other.
+Prints a table and writes JSON: wall time per phase, compile time (tracing, lowering and XLA compilation, from
+``jax.monitoring``), peak resident memory and, where the backend reports it, peak device memory. Each measurement
+runs in its own child process, one for the plain forward pass and one for the compression (streamed as
+``modegpt compress`` runs it: finished blocks to a staging directory), so neither inflates the other.
 """
 
 from __future__ import annotations
@@ -47,17 +49,24 @@ def _forward(args, queue):
 
 
 def _compress(args, queue):
+    import tempfile
+
     from converters.hf_import import HFCheckpoint
     from modegpt_jax.calibration import calibration_windows
-    from modegpt_jax.pipeline import CompressionSettings, compress
+    from modegpt_jax.pipeline import CompressionSettings, compress_streamed
 
     ckpt = HFCheckpoint(args.model)
     tokens = calibration_windows(ckpt.load_tokenizer(), "wikipedia", args.calib_samples, args.calib_seqlen, 0)
-    start = time.perf_counter()
-    _, report = compress(ckpt, tokens, CompressionSettings(ratio=args.ratio, batch_size=args.batch_size),
-                         progress=False)
-    queue.put({"seconds": time.perf_counter() - start, "tokens": int(tokens.size),
+    settings = CompressionSettings(ratio=args.ratio, batch_size=args.batch_size,
+                                   activation_dtype=args.activation_dtype)
+    with tempfile.TemporaryDirectory() as staging:
+        start = time.perf_counter()
+        report = compress_streamed(ckpt, tokens, settings, staging, progress=False).report
+        seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "tokens": int(tokens.size),
                "phases": report["timings_seconds"], "achieved_block_ratio": report["achieved_block_ratio"],
+               "resume_seconds": sum(x["resume_seconds"] for x in report["layers"]),
+               "device_peak_mib": report["memory"].get("device_peak_bytes", 0) / 2**20 or None,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
@@ -78,6 +87,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--activation-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", default="benchmarks/results/compress.json")
     args = parser.parse_args()
 
@@ -99,6 +109,9 @@ def main() -> None:
         print(f"{name:36} {sec:9.1f} {tps:10.0f} {rss:13.0f}")
     for phase, sec in comp["phases"].items():
         print(f"  phase {phase:28} {sec:9.1f}")
+    print(f"  of which writing resume checkpoints {comp['resume_seconds']:9.1f}")
+    if comp["device_peak_mib"]:
+        print(f"peak device memory {comp['device_peak_mib']:.0f} MiB")
     print(f"compression / forward: {comp['seconds'] / forward['seconds']:.2f}x")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -98,12 +98,12 @@ def _init_distributed(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     import jax
 
-    from converters.hf_export import model_card, save_model
+    from converters.hf_export import model_card, save_staged_model
     from converters.hf_import import HFCheckpoint
     from modegpt_jax import run_config
     from modegpt_jax.calibration import calibration_windows
     from modegpt_jax.mesh import make_mesh
-    from modegpt_jax.pipeline import CompressionSettings, compress
+    from modegpt_jax.pipeline import CompressionSettings, compress_streamed
     from modegpt_jax.report import plots, summary_table
 
     for name in ("ratio", "output"):
@@ -114,7 +114,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
              if v is not None}
     settings = CompressionSettings(
         ratio=args.ratio, allocation=args.allocation, width_multiple=args.width_multiple,
-        batch_size=args.batch_size, **tuned,
+        batch_size=args.batch_size, activation_dtype=args.activation_dtype,
+        activations_on_host={"auto": None, "on": True, "off": False}[args.activations_on_host], **tuned,
     )
     settings.validate()
     for name in ("allocation_eps", "max_sparsity", "bi_samples", "attention_scale"):  # saved as the values used
@@ -130,9 +131,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # Every process draws the same windows (same seed) and keeps its own share of the rows.
     windows = windows[jax.process_index() :: jax.process_count()]
     calib_seconds = time.perf_counter() - t
-    # Killed runs resume from the last finished layer: the state lives beside the output until it is written.
+    # Finished blocks are staged beside the output, one file per layer, and the output is assembled from them;
+    # a killed run resumes from the last finished layer.
     resume_dir = out.parent / f".{out.name}.resume"
-    model, report = compress(checkpoint, windows, settings, mesh=mesh, resume_dir=resume_dir)
+    result = compress_streamed(checkpoint, windows, settings, resume_dir, mesh=mesh)
+    report = result.report
     report["timings_seconds"]["calibration_data"] = round(calib_seconds, 3)
     report["model"] = args.model
     report["calibration"].update(source=args.calib_data, seed=args.seed)
@@ -141,14 +144,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if jax.process_index() == 0:
         if args.eval_perplexity:
             t = time.perf_counter()
-            report["perplexity"] = _perplexity_before_after(checkpoint, model, tokenizer, args)
+            report["perplexity"] = _perplexity_before_after(checkpoint, result.load_model(), tokenizer, args)
             report["timings_seconds"]["perplexity"] = round(time.perf_counter() - t, 3)
         report["timings_seconds"]["wall"] = round(time.perf_counter() - start, 3)
         extra = {"report.json": json.dumps(report, indent=2) + "\n", "README.md": model_card(report),
                  "run_config.yaml": run_config.dump(config)}
         extra.update({f"plots/{name}": png for name, png in plots(report).items()})
-        save_model(model, out, base_hf_config=checkpoint.hf_config, tokenizer_dir=checkpoint.directory,
-                   extra_files=extra, modegpt_info={"method": "MoDeGPT", "target_ratio": args.ratio})
+        save_staged_model(out, shell=result.shell, config=result.config, staging_dir=resume_dir,
+                          base_hf_config=checkpoint.hf_config, tokenizer_dir=checkpoint.directory,
+                          extra_files=extra, modegpt_info={"method": "MoDeGPT", "target_ratio": args.ratio})
         shutil.rmtree(resume_dir, ignore_errors=True)
         print(summary_table(report))
         print(f"written to {out} (model, report.json, run_config.yaml, plots/)")
@@ -255,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"calibration windows used for block influence (default: {defaults.bi_samples})")
     co.add_argument("--batch-size", type=int, default=8, help="calibration windows per step (default: 8)")
     co.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    co.add_argument("--activation-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the calibration hidden states kept between passes; statistics always "
+                         "accumulate in float32 (default: float32)")
+    co.add_argument("--activations-on-host", default="auto", choices=["auto", "on", "off"],
+                    help="keep the calibration hidden states in host memory and stream them through the devices "
+                         "batch by batch; auto: only when they would take over 30%% of an accelerator's memory")
     co.add_argument("--mesh", default=None,
                     help="device mesh, e.g. data=8 or data=4,model=2 (default: every device on data)")
     co.add_argument("--coordinator", default=None,

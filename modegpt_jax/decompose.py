@@ -123,7 +123,7 @@ def _with_growing_ridge(what: str, solve, ridge: float):
     """``solve(ridge)``, retried with a 100x larger relative ridge (up to 1e-2) while its result is not finite."""
     while True:
         out = solve(ridge)
-        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(out))
+        finite = all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(out))
         if finite or ridge >= _RIDGE_LIMIT:
             _check_finite(what, *jax.tree.leaves(out))
             return out
@@ -132,7 +132,7 @@ def _with_growing_ridge(what: str, solve, ridge: float):
 
 def _check_finite(what: str, *arrays: jax.Array) -> None:
     for a in arrays:
-        if a is not None and not bool(jnp.all(jnp.isfinite(a))):
+        if a is not None and not np.isfinite(np.asarray(a)).all():
             raise FloatingPointError(
                 f"{what}: non-finite result (a Cholesky factorisation failed or the statistics contain inf/nan); "
                 "check the calibration statistics, or use precision64=True or a larger ridge"
@@ -200,19 +200,41 @@ def ridge_leverage_scores(C: jax.Array, alpha: float = DEFAULT_LEVERAGE_ALPHA, *
         return s.astype(_out_dtype(C))
 
 
-@partial(jax.jit, static_argnames=("width",))
-def _nystrom_kernel(C: jax.Array, w_down: jax.Array, alpha: jax.Array, delta: jax.Array, width: int):
+def width_bucket(width: int, full: int, parts: int = 16, multiple: int = 1) -> int:
+    """The smallest of ``parts`` evenly spaced sizes up to ``full`` that holds ``width`` (a multiple of
+    ``multiple``). Kernels compiled for a bucket serve every width in it: widths differ from layer to layer, and
+    one compilation per bucket instead of per width is what keeps compile time from growing with depth."""
+    step = -(-full // parts)
+    step = -(-step // multiple) * multiple
+    return min(-(-width // step) * step, full)
+
+
+@partial(jax.jit, static_argnames=("slots",))
+def _nystrom_kernel(C: jax.Array, w_down: jax.Array, alpha: jax.Array, delta: jax.Array, width: jax.Array,
+                    slots: int):
+    """The refit in ``slots >= width`` channel slots (a width bucket): slots past ``width`` are inert (identity
+    rows in the solve, zero right-hand side). Returns the kept channels (ascending, then the inert slots) and the
+    refitted rows; the first ``width`` of each are the result."""
+    n = C.shape[0]
     C = 0.5 * (C + C.T)
     scores = _leverage(C, alpha)
     order = jnp.argsort(-scores, stable=True)  # best first; ties keep the lower index
-    kept = jnp.sort(order[:width])
-    rest = order[width:]  # static size d_int - width (empty at full width)
+    valid = jnp.arange(slots) < width
+    ranked = order[:slots]
+    kept = jnp.sort(jnp.where(valid, ranked, ranked + n))  # kept ascending first, inert slots after
+    kept = jnp.where(kept >= n, kept - n, kept)
+    is_kept = jnp.zeros(n, bool).at[kept].set(valid)
+    both = valid[:, None] & valid[None, :]
     C_SS = C[kept][:, kept]
-    ridge = delta * _scale(jnp.diagonal(C_SS))
-    cf = jsl.cho_factor(C_SS + ridge * jnp.eye(width, dtype=C.dtype), lower=True)
+    diag = jnp.where(valid, jnp.diagonal(C_SS), 0.0)
+    mean = jnp.sum(diag) / width
+    ridge = delta * jnp.where(mean > 0, mean, 1.0)
+    M = jnp.where(both, C_SS, 0.0) + jnp.diag(jnp.where(valid, ridge, 1.0).astype(C.dtype))
+    cf = jsl.cho_factor(M, lower=True)
     # argmin_W ||A_S W - A W_D||^2 + ridge ||W - W_D[S]||^2 = W_D[S] + (C_SS + ridge I)^-1 C[S, rest] W_D[rest]:
     # only the dropped channels' contribution is solved for, so the full width returns W_D bit for bit.
-    correction = jsl.cho_solve(cf, _mm(C[kept][:, rest], w_down[rest]))
+    rhs = _mm(C[kept], jnp.where(is_kept[:, None], 0.0, w_down))
+    correction = jsl.cho_solve(cf, jnp.where(valid[:, None], rhs, 0.0))
     return kept, w_down[kept] + correction
 
 
@@ -264,18 +286,24 @@ def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, 
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
 
+    slots = width_bucket(width, d_int)
     with compute_context(precision64) as cdt:
         C_c, w_c, alpha_c = jnp.asarray(C_s, cdt), jnp.asarray(w_down, cdt), jnp.asarray(alpha, cdt)
         kept, w_d = _with_growing_ridge(
-            "nystrom_mlp", lambda r: _nystrom_kernel(C_c, w_c, alpha_c, jnp.asarray(r, cdt), width), _ridge(delta, cdt)
+            "nystrom_mlp",
+            lambda r: _nystrom_kernel(C_c, w_c, alpha_c, jnp.asarray(r, cdt), jnp.asarray(width, jnp.int32), slots),
+            _ridge(delta, cdt),
         )
-        kept = kept.astype(jnp.int32)
+        # Everything sized by the width is cut and gathered on the host: an eager JAX op would compile once per
+        # width, i.e. once per layer.
+        kept = np.asarray(kept)[:width].astype(np.int32)
 
         def take(w, axis):  # exact column selection, in the weight's own dtype
-            return None if w is None else jnp.take(jnp.asarray(w, _out_dtype(w)), kept, axis=axis)
+            return None if w is None else jnp.asarray(np.take(np.asarray(w).astype(_out_dtype(w)), kept, axis=axis))
 
-        return {"w_up": take(w_up, 1), "w_gate": take(w_gate, 1), "w_down": w_d.astype(_out_dtype(w_down)),
-                "b_up": take(b_up, 0), "kept": kept}
+        return {"w_up": take(w_up, 1), "w_gate": take(w_gate, 1),
+                "w_down": jnp.asarray(np.asarray(w_d)[:width].astype(_out_dtype(w_down))),
+                "b_up": take(b_up, 0), "kept": jnp.asarray(kept)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,8 +311,9 @@ def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, 
 # --------------------------------------------------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("qk_dim", "rope"))
-def _cr_kernel(energy_q: jax.Array, energy_k: jax.Array, qk_dim: int, rope: bool):
+@partial(jax.jit, static_argnames=("rope",))
+def _cr_scores(energy_q: jax.Array, energy_k: jax.Array, rope: bool):
+    """CR score of every pair (RoPE) or channel, per KV group: ``[G, dh/2]`` or ``[G, dh]``."""
     H, dh = energy_q.shape
     G = energy_k.shape[0]
     half = dh // 2
@@ -297,12 +326,7 @@ def _cr_kernel(energy_q: jax.Array, energy_k: jax.Array, qk_dim: int, rope: bool
     # multiplied. Negative energies can only be rounding noise.
     sq = jnp.sqrt(jnp.maximum(energy_q, 0.0)).reshape(G, H // G, n)  # query head i -> group i // g
     sk = jnp.sqrt(jnp.maximum(energy_k, 0.0))
-    score = jnp.sum(sq, axis=1) * sk  # [G, n]
-    _, idx = lax.top_k(score, qk_dim // 2 if rope else qk_dim)
-    sel = jnp.sort(idx, axis=-1).astype(jnp.int32)
-    if rope:
-        return jnp.concatenate([sel, sel + half], axis=-1), sel
-    return sel, None
+    return jnp.sum(sq, axis=1) * sk  # [G, n]
 
 
 def cr_qk_select(energy_q: jax.Array, energy_k: jax.Array, qk_dim: int, *,
@@ -344,7 +368,13 @@ def cr_qk_select(energy_q: jax.Array, energy_k: jax.Array, qk_dim: int, *,
             raise ValueError(f"with RoPE qk_dim must be even and in [2, {dh}], got {qk_dim}")
     elif not 1 <= qk_dim <= dh:
         raise ValueError(f"qk_dim must be in [1, {dh}], got {qk_dim}")
-    return _cr_kernel(energy_q, energy_k, qk_dim, bool(rope))
+    score = np.asarray(_cr_scores(energy_q, energy_k, bool(rope)))
+    # The top of each row, on the host (its size changes from layer to layer); ties keep the lower index.
+    sel = np.sort(np.argsort(-score, axis=-1, kind="stable")[:, : qk_dim // 2 if rope else qk_dim], axis=-1)
+    sel = sel.astype(np.int32)
+    if rope:
+        return jnp.asarray(np.concatenate([sel, sel + dh // 2], axis=-1)), jnp.asarray(sel)
+    return jnp.asarray(sel), None
 
 
 def apply_qk_selection(w_q: jax.Array, w_k: jax.Array, channels: jax.Array, n_heads: int, *,
@@ -359,7 +389,7 @@ def apply_qk_selection(w_q: jax.Array, w_k: jax.Array, channels: jax.Array, n_he
     Returns:
         ``{"w_q": [d, H*k], "w_k": [d, G*k], "b_q": [H*k] | None, "b_k": [G*k] | None}``.
     """
-    channels = jnp.asarray(channels, jnp.int32)
+    channels = np.asarray(channels, np.int32)
     if channels.ndim != 2:
         raise ValueError(f"channels must be [G, k], got {channels.shape}")
     G, k = channels.shape
@@ -371,14 +401,18 @@ def apply_qk_selection(w_q: jax.Array, w_k: jax.Array, channels: jax.Array, n_he
     dh = w_k.shape[1] // G
     if w_q.shape != (w_k.shape[0], H * dh):
         raise ValueError(f"w_q must be [{w_k.shape[0]}, {H * dh}], got {w_q.shape}")
-    idx_q = jnp.repeat(channels, H // G, axis=0)  # [H, k]: query head i uses group i // g
+    idx_q = np.repeat(channels, H // G, axis=0)  # [H, k]: query head i uses group i // g
 
+    # Gathered on the host: the result's size changes from layer to layer (an eager JAX gather compiles per size).
     def gather(w, idx, heads):  # w [d, heads*dh] -> [d, heads*k]
+        w = np.asarray(w)
         d = w.shape[0]
-        return jnp.take_along_axis(w.reshape(d, heads, dh), idx[None], axis=2).reshape(d, heads * k)
+        return jnp.asarray(np.take_along_axis(w.reshape(d, heads, dh), idx[None], axis=2).reshape(d, heads * k))
 
     def gather_b(b, idx, heads):
-        return None if b is None else jnp.take_along_axis(b.reshape(heads, dh), idx, axis=1).reshape(heads * k)
+        if b is None:
+            return None
+        return jnp.asarray(np.take_along_axis(np.asarray(b).reshape(heads, dh), idx, axis=1).reshape(heads * k))
 
     return {"w_q": gather(w_q, idx_q, H), "w_k": gather(w_k, channels, G),
             "b_q": gather_b(b_q, idx_q, H), "b_k": gather_b(b_k, channels, G)}
@@ -389,8 +423,11 @@ def apply_qk_selection(w_q: jax.Array, w_k: jax.Array, channels: jax.Array, n_he
 # --------------------------------------------------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("rank", "n_heads"))
-def _vo_kernel(C: jax.Array, w_v: jax.Array, w_o: jax.Array, eps: jax.Array, rank: int, n_heads: int):
+@partial(jax.jit, static_argnames=("slots", "n_heads"))
+def _vo_kernel(C: jax.Array, w_v: jax.Array, w_o: jax.Array, eps: jax.Array, rank: jax.Array, slots: int,
+               n_heads: int):
+    """The factors in ``slots >= rank`` columns per group (a rank bucket); columns past ``rank`` are zero.
+    Returns ``V' [G, d, slots]`` and ``O' [G, slots, g*d]``."""
     d = C.shape[0]
     H = n_heads
     dh = w_o.shape[0] // H
@@ -408,12 +445,11 @@ def _vo_kernel(C: jax.Array, w_v: jax.Array, w_o: jax.Array, eps: jax.Array, ran
     wo = w_o.reshape(G, g, dh, d).transpose(0, 2, 1, 3).reshape(G, dh, g * d)
     M = _mm(R, wo)
     U, s, Vh = jnp.linalg.svd(M, full_matrices=False)  # U [G, dh, dh], s descending
-    Uk = U[:, :, :rank]
-    v_new = _mm(wv, jsl.solve_triangular(R, Uk, lower=False))  # W_V R^-1 U_k, [G, d, rank]
-    o_new = s[:, :rank, None] * Vh[:, :rank, :]  # U_k^T M = S_k V_k^T, [G, rank, g*d]
-    w_v_new = v_new.transpose(1, 0, 2).reshape(d, G * rank)
-    w_o_new = o_new.reshape(G, rank, g, d).transpose(0, 2, 1, 3).reshape(H * rank, d)
-    return w_v_new, w_o_new
+    keep = (jnp.arange(slots) < rank).astype(C.dtype)
+    Uk = U[:, :, :slots] * keep
+    v_new = _mm(wv, jsl.solve_triangular(R, Uk, lower=False))  # W_V R^-1 U_k, [G, d, slots]
+    o_new = (s[:, :slots] * keep)[:, :, None] * Vh[:, :slots, :]  # U_k^T M = S_k V_k^T, [G, slots, g*d]
+    return v_new, o_new
 
 
 def vo_svd(C: jax.Array, w_v: jax.Array, w_o: jax.Array, rank: int, n_heads: int, *,
@@ -454,12 +490,19 @@ def vo_svd(C: jax.Array, w_v: jax.Array, w_o: jax.Array, rank: int, n_heads: int
     rank = int(rank)
     if not 1 <= rank <= dh:
         raise ValueError(f"rank must be in [1, {dh}], got {rank}")
+    slots = width_bucket(rank, dh, parts=8)
     with compute_context(precision64) as cdt:
         C_c, wv_c, wo_c = jnp.asarray(C, cdt), jnp.asarray(w_v, cdt), jnp.asarray(w_o, cdt)
-        wv, wo = _with_growing_ridge(
-            "vo_svd", lambda r: _vo_kernel(C_c, wv_c, wo_c, jnp.asarray(r, cdt), rank, H), _ridge(eps, cdt)
+        v_new, o_new = _with_growing_ridge(
+            "vo_svd",
+            lambda r: _vo_kernel(C_c, wv_c, wo_c, jnp.asarray(r, cdt), jnp.asarray(rank, jnp.int32), slots, H),
+            _ridge(eps, cdt),
         )
-        return {"w_v": wv.astype(_out_dtype(w_v)), "w_o": wo.astype(_out_dtype(w_o))}
+        # Cut to the rank and laid out on the host (sizes that change per layer would compile per layer).
+        g = H // G
+        v_new = np.asarray(v_new)[:, :, :rank].transpose(1, 0, 2).reshape(d, G * rank)
+        o_new = np.asarray(o_new)[:, :rank].reshape(G, rank, g, d).transpose(0, 2, 1, 3).reshape(H * rank, d)
+        return {"w_v": jnp.asarray(v_new.astype(_out_dtype(w_v))), "w_o": jnp.asarray(o_new.astype(_out_dtype(w_o)))}
 
 
 def fold_value_bias(b_v: jax.Array, w_o: jax.Array, b_o: jax.Array | None, n_heads: int, *,

@@ -7,10 +7,15 @@
    run the compressed attention -> statistics of the MLP intermediate (``C_s``) -> Nystrom MLP -> run the
    compressed MLP -> next layer.
 
-Only one dense block is resident at a time: blocks come from a :class:`LayerSource` (a checkpoint streamed
-tensor by tensor, or a model already in memory). Compressed blocks are kept on the host until the end.
+What is resident does not grow with depth: one dense block (from a :class:`LayerSource`: a checkpoint streamed
+tensor by tensor, or a model already in memory), one set of calibration hidden states (each pass replaces a
+batch's array by its successor; on accelerators they are parked in host memory when they would crowd the device,
+see :mod:`modegpt_jax.activations`) and the current layer's statistics. A finished compressed block goes to the
+staging directory (:mod:`modegpt_jax.staging`) and leaves memory; :func:`compress_streamed` returns where they
+are, and the Hugging Face directory is assembled from them (:func:`converters.hf_export.save_staged_model`).
+:func:`compress` keeps small models' blocks in memory instead and returns the model itself.
 Every stage is also usable alone: :mod:`modegpt_jax.stats`, :mod:`modegpt_jax.decompose`,
-:mod:`modegpt_jax.allocation`.
+:mod:`modegpt_jax.reconstruction`, :mod:`modegpt_jax.allocation`.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from modegpt_jax import allocation as alloc
-from modegpt_jax import decompose, stats
+from modegpt_jax import decompose, reconstruction, staging, stats
 from modegpt_jax.config import LayerSpec, ModelConfig
 from modegpt_jax.errors import UserError
-from modegpt_jax.mesh import make_mesh, shard_batch
-from modegpt_jax.model import MLP, Attention, Block, Transformer, count_params, run_block
+from modegpt_jax.activations import HiddenStates, should_park
+from modegpt_jax.mesh import batch_sharding, make_mesh, shard_batch
+from modegpt_jax.model import MLP, Attention, Block, Transformer, count_params
 from modegpt_jax.resume import ResumeState, fingerprint
 from modegpt_jax.rope import kept_pair_frequencies
 
@@ -61,6 +67,10 @@ class CompressionSettings:
     # None = all.
     bi_samples: int | None = 16
     precision64: bool | None = None  # decompositions in float64 (None: unless on TPU)
+    # Calibration hidden states between passes: float32, or bfloat16 to halve them (statistics stay float32).
+    activation_dtype: str = "float32"
+    # Hidden states parked in host memory between uses; None: only when they would crowd an accelerator.
+    activations_on_host: bool | None = None
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -71,6 +81,8 @@ class CompressionSettings:
             raise UserError(f"--ratio {self.ratio} exceeds the maximum per-layer sparsity {self.max_sparsity}")
         if self.attention_scale < 0:
             raise UserError(f"--attention-scale must be >= 0, got {self.attention_scale}")
+        if self.activation_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"--activation-dtype must be float32 or bfloat16, got {self.activation_dtype!r}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
 
@@ -109,26 +121,41 @@ def copy_top_level(src: Transformer, dst: Transformer) -> None:
     dst.lm_head = src.lm_head
 
 
-# -- jitted pieces of a block, so statistics reuse the activations the forward pass computes -----------------
-@nnx.jit
-def _attention_inputs(block: Block, h):
+# -- jitted passes over one calibration batch ------------------------------------------------------------------
+# Modules enter as (graphdef, state): the graphdef is static, so blocks of equal shapes share one compilation.
+# The hidden states are donated: each pass's output takes the place of its input.
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def _attention_statistics(graphdef, state, h, *, mesh):
+    """``C`` of the attention input and the pre-RoPE query/key channel energies of one batch."""
+    block = nnx.merge(graphdef, state)
     x = block.attn_norm(h)
     q, k = block.attn.project_qk(x)
-    return x, q, k
+    return {"C": stats.gram(x, mesh=mesh), "E_q": stats.channel_energy(q, mesh=mesh),
+            "E_k": stats.channel_energy(k, mesh=mesh)}
 
 
-@nnx.jit
-def _attention_then_mlp_input(dense: Block, attn: Attention, h, positions):
-    h_mid = h + attn(dense.attn_norm(h), positions, None)
-    return h_mid, dense.mlp.intermediate(dense.mlp_norm(h_mid))
+@functools.partial(jax.jit, static_argnames=("block_def", "attn_def", "mesh"), donate_argnames=("h",))
+def _attention_pass(block_def, block_state, attn_def, attn_state, h, positions, *, mesh):
+    """The compressed attention's residual ``h_mid`` (in the hidden states' dtype) and ``C_s`` of the dense MLP
+    intermediate on it; the intermediate itself never leaves the step."""
+    dense, attn = nnx.merge(block_def, block_state), nnx.merge(attn_def, attn_state)
+    h_mid = (h + attn(dense.attn_norm(h), positions, None)).astype(h.dtype)
+    return h_mid, stats.gram(dense.mlp.intermediate(dense.mlp_norm(h_mid)), mesh=mesh)
 
 
-@jax.jit
-def _mlp_residual(h_mid, a, kept, w_down, b_down):
-    """``h_mid + A[:, kept] W_D' (+ b)``: kept up/gate columns are a subset, so the dense intermediate ``A``
-    already holds the compressed MLP's intermediate; no projection is recomputed."""
-    y = jnp.take(a, kept, axis=-1) @ w_down
-    return h_mid + (y if b_down is None else y + b_down)
+@functools.partial(jax.jit, static_argnames=("norm_def", "mlp_def"), donate_argnames=("h_mid",))
+def _mlp_pass(norm_def, norm_state, mlp_def, mlp_state, h_mid):
+    """``h_mid + MLP'(norm(h_mid))`` with the compressed MLP: the block's output, recomputed from ``h_mid`` so
+    no batch's intermediate has to be kept while the MLP statistics are gathered."""
+    norm, mlp = nnx.merge(norm_def, norm_state), nnx.merge(mlp_def, mlp_state)
+    return (h_mid + mlp(norm(h_mid))).astype(h_mid.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("h",))
+def _influence_pass(graphdef, state, h, positions, *, mesh):
+    """The dense block's output and ``sum cos(h_in, h_out)`` of one batch (block influence)."""
+    h_out = nnx.merge(graphdef, state)(h, positions).astype(h.dtype)
+    return h_out, stats.cosine_sum(h, h_out, mesh=mesh)
 
 
 @jax.jit
@@ -205,7 +232,8 @@ def _value(p) -> Any:
 
 def compress_attention(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C: np.ndarray, energy_q: np.ndarray,
                        energy_k: np.ndarray, settings: CompressionSettings) -> tuple[Attention, LayerSpec, dict]:
-    """Key-query CR selection and value-output joint SVD of one block's attention."""
+    """Key-query CR selection and value-output joint SVD of one block's attention; also returns the share of
+    the CR score mass that was dropped."""
     cfg = out_cfg
     attn = dense.attn
     channels, pairs = decompose.cr_qk_select(energy_q, energy_k, spec.qk_dim, rope=cfg.use_rope)
@@ -229,20 +257,16 @@ def compress_attention(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C: n
     if cfg.qkv_bias:
         new.q_proj.bias.set_value(qk["b_q"])
         new.k_proj.bias.set_value(qk["b_k"])
-        new.v_proj.bias.set_value(jnp.zeros(new.v_proj.bias.shape, new.v_proj.bias.dtype))
+        new.v_proj.bias.set_value(jnp.asarray(np.zeros(new.v_proj.bias.shape, new.v_proj.bias.dtype)))
     if cfg.o_bias:
         new.o_proj.bias.set_value(b_o)
     if new.rope_freqs is not None:
         new.rope_freqs.set_value(jnp.asarray(kept_pair_frequencies(cfg, spec)))
-    errors = {
-        "qk_score_dropped": qk_dropped_score(energy_q, energy_k, np.asarray(channels), cfg),
-        "vo": vo_relative_error(C, attn, new, cfg.num_heads),
-    }
-    return new, spec, errors
+    return new, spec, {"qk_score_dropped": qk_dropped_score(energy_q, energy_k, np.asarray(channels), cfg)}
 
 
 def compress_mlp(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C_s: np.ndarray,
-                 settings: CompressionSettings) -> tuple[MLP, jax.Array, dict]:
+                 settings: CompressionSettings) -> tuple[MLP, jax.Array]:
     """Nystrom selection of the MLP's intermediate channels with a least-squares refit of the down projection."""
     mlp = dense.mlp
     res = decompose.nystrom_mlp(
@@ -256,48 +280,88 @@ def compress_mlp(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C_s: np.nd
     if new.gate_proj is not None:
         new.gate_proj.kernel.set_value(res["w_gate"])
         if new.gate_proj.bias is not None:  # Llama mlp_bias: the gate bias follows the kept channels
-            new.gate_proj.bias.set_value(mlp.gate_proj.bias[...][np.asarray(res["kept"])])
+            new.gate_proj.bias.set_value(jnp.asarray(np.asarray(mlp.gate_proj.bias[...])[np.asarray(res["kept"])]))
     if new.up_proj.bias is not None:
         new.up_proj.bias.set_value(res["b_up"])
         new.down_proj.bias.set_value(mlp.down_proj.bias[...])
-    err = mlp_relative_error(C_s, mlp.down_proj.kernel[...], np.asarray(res["kept"]), res["w_down"])
-    return new, res["kept"], {"mlp": err}
+    return new, res["kept"]
+
+
+# -- width buckets: one compilation serves every layer whose widths fall in the same bucket ---------------------
+def _zero_pad(x, axis: int, size: int) -> np.ndarray:
+    x = np.asarray(x)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return np.pad(x, widths)
+
+
+def _param(value: np.ndarray) -> jax.Array:
+    return jnp.asarray(value)  # a transfer, not a computation: nothing is compiled for the new shape
+
+
+def bucketed_attention(attn: Attention, cfg: ModelConfig, spec: LayerSpec) -> Attention:
+    """The compressed attention with its Q/K and V/O widths zero-padded up to width buckets, for the
+    calibration passes. Exact: a zero query/key channel adds nothing to a score (RoPE rotates zeros to zeros, and
+    the softmax scale is the original head dimension's), a zero value channel meets zero rows of the output
+    projection. Padding happens on the host, so no eager JAX op compiles for the new shapes."""
+    rope = cfg.use_rope
+    qk = decompose.width_bucket(spec.qk_dim, cfg.head_dim, parts=8, multiple=2 if rope else 1)
+    vo = decompose.width_bucket(spec.vo_dim, cfg.head_dim, parts=8)
+    if (qk, vo) == (spec.qk_dim, spec.vo_dim):
+        return attn
+    G, H = cfg.num_kv_heads, cfg.num_heads
+    pairs = None if not rope else tuple(tuple(range(qk // 2)) for _ in range(G))
+    padded_spec = LayerSpec(spec.mlp_width, qk, vo, pairs, spec.sliding_window)
+    new = nnx.eval_shape(lambda: Attention(cfg, padded_spec, dtype=attn.q_proj.kernel.dtype, rngs=nnx.Rngs(0)))
+
+    def heads(x, n, width, new_width, halves=1):
+        """[..., n*width] -> [..., n*new_width], each head padded (each RoPE half separately)."""
+        x = np.asarray(x)
+        lead = x.shape[:-1]
+        x = x.reshape(*lead, n, halves, width // halves)
+        return _zero_pad(x, -1, new_width // halves).reshape(*lead, n * new_width)
+
+    halves = 2 if rope else 1
+    for name, n in (("q_proj", H), ("k_proj", G)):
+        src, dst = getattr(attn, name), getattr(new, name)
+        dst.kernel.set_value(_param(heads(src.kernel[...], n, spec.qk_dim, qk, halves)))
+        if src.bias is not None:
+            dst.bias.set_value(_param(heads(src.bias[...], n, spec.qk_dim, qk, halves)))
+    new.v_proj.kernel.set_value(_param(heads(attn.v_proj.kernel[...], G, spec.vo_dim, vo)))
+    if attn.v_proj.bias is not None:
+        new.v_proj.bias.set_value(_param(heads(attn.v_proj.bias[...], G, spec.vo_dim, vo)))
+    o = np.asarray(attn.o_proj.kernel[...]).reshape(H, spec.vo_dim, -1)
+    new.o_proj.kernel.set_value(_param(_zero_pad(o, 1, vo).reshape(H * vo, -1)))
+    if attn.o_proj.bias is not None:
+        new.o_proj.bias.set_value(attn.o_proj.bias[...])
+    if attn.rope_freqs is not None:
+        new.rope_freqs.set_value(_param(_zero_pad(attn.rope_freqs[...], 1, qk // 2)))
+    return new
+
+
+def bucketed_mlp(mlp: MLP, cfg: ModelConfig, spec: LayerSpec) -> MLP:
+    """The compressed MLP zero-padded up to its width bucket, for the calibration passes. Exact: a zero
+    intermediate channel is ``act(0) * 0 = 0`` (gated), ``act(0 + 0) = 0`` (ReLU/GELU), and meets a zero row
+    of the down projection."""
+    width = decompose.width_bucket(spec.mlp_width, cfg.intermediate_size)
+    if width == spec.mlp_width:
+        return mlp
+    padded_spec = dataclasses.replace(spec, mlp_width=width)
+    new = nnx.eval_shape(lambda: MLP(cfg, padded_spec, dtype=mlp.up_proj.kernel.dtype, rngs=nnx.Rngs(0)))
+    for name in ("gate_proj", "up_proj"):
+        src, dst = getattr(mlp, name), getattr(new, name)
+        if src is None:
+            continue
+        dst.kernel.set_value(_param(_zero_pad(src.kernel[...], 1, width)))
+        if src.bias is not None:
+            dst.bias.set_value(_param(_zero_pad(src.bias[...], 0, width)))
+    new.down_proj.kernel.set_value(_param(_zero_pad(mlp.down_proj.kernel[...], 0, width)))
+    if mlp.down_proj.bias is not None:
+        new.down_proj.bias.set_value(mlp.down_proj.bias[...])
+    return new
 
 
 # -- reconstruction errors, from the statistics alone (no extra forward pass) ------------------------------------
-def mlp_relative_error(C_s, w_down, kept, w_down_new) -> float:
-    """``||A W_D - A_S W_D'||^2 / ||A W_D||^2`` over the calibration tokens, from ``C_s = A^T A``."""
-    C = np.asarray(C_s, np.float64)
-    W = np.asarray(w_down, np.float64)
-    Wn = np.asarray(w_down_new, np.float64)
-    ref = np.sum(W * (C @ W))
-    cross = np.sum(W * (C[:, kept] @ Wn))
-    new = np.sum(Wn * (C[np.ix_(kept, kept)] @ Wn))
-    return float(max(ref - 2 * cross + new, 0.0) / ref)
-
-
-def vo_relative_error(C, dense: Attention, new: Attention, n_heads: int) -> float:
-    """``sum_i ||x (W_V W_O,i - V' O'_i)||^2 / sum_i ||x W_V W_O,i||^2`` over the calibration tokens."""
-    C = np.asarray(C, np.float64)
-
-    def per_head_products(attn: Attention) -> np.ndarray:  # [H, d, d]: W_V,g(i) W_O,i
-        wv = np.asarray(attn.v_proj.kernel[...], np.float64)
-        wo = np.asarray(attn.o_proj.kernel[...], np.float64)
-        d, G = wv.shape[0], attn.num_kv_heads
-        wv = wv.reshape(d, G, -1).transpose(1, 0, 2)  # [G, d, r]
-        wo = wo.reshape(n_heads, -1, wo.shape[1])  # [H, r, d]
-        return np.einsum("hdr,hre->hde", np.repeat(wv, n_heads // G, axis=0), wo)
-
-    ref = per_head_products(dense)
-    diff = ref - per_head_products(new)
-
-    def energy(m: np.ndarray) -> float:  # sum_h tr(m_h^T C m_h), as one BLAS matmul
-        flat = m.transpose(1, 0, 2).reshape(C.shape[0], -1)  # [d, H*d]
-        return float(np.sum(flat * (C @ flat)))
-
-    return max(energy(diff), 0.0) / energy(ref)
-
-
 def qk_dropped_score(energy_q, energy_k, channels: np.ndarray, cfg: ModelConfig) -> float:
     """Fraction of the CR score mass ``sum_j sum_i sqrt(E_q,i(j) E_k,g(j))`` on the dropped channels."""
     eq = np.asarray(energy_q, np.float64).reshape(cfg.num_kv_heads, cfg.group_size, -1)
@@ -308,23 +372,39 @@ def qk_dropped_score(energy_q, energy_k, channels: np.ndarray, cfg: ModelConfig)
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
-def block_influence(source: LayerSource, batches: list, settings: CompressionSettings, mesh, progress: bool):
-    """``BI_l = 1 - mean cos(h_l, h_(l+1))`` on a dense pass over the first ``settings.bi_samples`` sequences."""
-    rows = batches[0][1].shape[0]  # global sequences per batch
-    n_bi = len(batches) if settings.bi_samples is None else max(1, -(-settings.bi_samples // rows))
-    hs = [h for _, h in batches[:n_bi]]
-    sums, counts = [], []
-    for i in tqdm(range(source.config.num_layers), desc="block influence", unit="layer", disable=not progress):
-        block = source.load_block(i)
-        acc = stats.Accumulator()
-        for j, (pos, _) in enumerate(batches[:n_bi]):
-            h_out = run_block(block, hs[j], pos)
-            acc.add("cos", stats.cosine_sum(hs[j], h_out, mesh=mesh))
-            hs[j] = h_out
-        cos = acc.finalize(where=f"layer {i}")["cos"]
-        sums.append(float(cos.total))
-        counts.append(float(cos.count))
-    return alloc.block_importance(sums, counts)
+class _CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling, summed over the process (for the report)."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+    seconds = 0.0
+    _registered = False
+
+    @classmethod
+    def now(cls) -> float:
+        if not cls._registered:
+            jax.monitoring.register_event_duration_secs_listener(cls._listen)
+            cls._registered = True
+        return cls.seconds
+
+    @classmethod
+    def _listen(cls, event: str, duration: float, **_: Any) -> None:
+        if event in cls.EVENTS:
+            cls.seconds += duration
+
+
+def _peak_memory() -> dict[str, int]:
+    """Peak resident memory of this process and, where the backend reports it, of each local device."""
+    import resource
+
+    out = {"peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+    try:
+        peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    except Exception:
+        peaks = []
+    if peaks and all(p is not None for p in peaks):
+        out["device_peak_bytes"] = int(max(peaks))
+    return out
 
 
 def _batches(tokens: np.ndarray, batch_size: int, data_shards: int) -> list[np.ndarray]:
@@ -339,21 +419,185 @@ def _batches(tokens: np.ndarray, batch_size: int, data_shards: int) -> list[np.n
     return [tokens[i : i + per_process] for i in range(0, n, per_process)]
 
 
+class _Calibration:
+    """The calibration batches as token rows on the mesh; hidden states are made from them when needed."""
+
+    def __init__(self, shell: Transformer, tokens: np.ndarray, settings: CompressionSettings, mesh):
+        self.shell, self.mesh = shell, mesh
+        self.dtype = jnp.dtype(settings.activation_dtype)
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+        self.tokens, self.positions = [], []
+        for rows in _batches(tokens, settings.batch_size, mesh.shape["data"]):
+            self.tokens.append(shard_batch(rows, mesh))
+            self.positions.append(shard_batch(positions[: len(rows)], mesh))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def embed(self, j: int) -> jax.Array:
+        return _embed(self.shell, self.tokens[j], self.positions[j]).astype(self.dtype)
+
+    def bytes_per_device(self) -> int:
+        rows = sum(t.shape[0] for t in self.tokens) // self.mesh.shape["data"]
+        return rows * self.tokens[0].shape[1] * self.shell.config.hidden_size * self.dtype.itemsize
+
+
+def block_influence(source: LayerSource, calib: _Calibration, settings: CompressionSettings, mesh, progress: bool):
+    """``BI_l = 1 - mean cos(h_l, h_(l+1))`` on a dense pass over the first ``settings.bi_samples`` sequences."""
+    rows = calib.tokens[0].shape[0]  # global sequences per batch
+    n_bi = len(calib) if settings.bi_samples is None else min(len(calib), max(1, -(-settings.bi_samples // rows)))
+    hs = [calib.embed(j) for j in range(n_bi)]
+    sums, counts = [], []
+    for i in tqdm(range(source.config.num_layers), desc="block influence", unit="layer", disable=not progress):
+        graphdef, state = nnx.split(source.load_block(i))
+        acc = stats.Accumulator()
+        for j in range(n_bi):
+            hs[j], cos = _influence_pass(graphdef, state, hs[j], calib.positions[j], mesh=mesh)
+            acc.add("cos", cos)
+        del state
+        cos = acc.finalize(where=f"layer {i}")["cos"]
+        sums.append(float(cos.total))
+        counts.append(float(cos.count))
+    return alloc.block_importance(sums, counts)
+
+
+@dataclasses.dataclass
+class CompressionResult:
+    """What a compression run produced: the compressed configuration, the dense model's top level (embeddings,
+    final norm, head; its blocks are shapes only), the report, and where the compressed blocks are: in memory,
+    or one file per layer in ``staging_dir`` (see :mod:`modegpt_jax.staging`)."""
+
+    config: ModelConfig
+    shell: Transformer
+    report: dict
+    staging_dir: Path | None = None
+    blocks: dict[int, Block] | None = None
+
+    def block(self, layer: int) -> Block:
+        if self.blocks is not None:
+            return self.blocks[layer]
+        return staging.read_block(self.staging_dir, layer, self.config, self.config.layers[layer], self.shell.dtype)
+
+    def load_model(self) -> Transformer:
+        """The whole compressed model in memory (for models that fit)."""
+        model = nnx.eval_shape(lambda: Transformer(self.config, dtype=self.shell.dtype, rngs=nnx.Rngs(0)))
+        copy_top_level(self.shell, model)
+        model.layers = nnx.List([self.block(i) for i in range(self.config.num_layers)])
+        return model
+
+
 def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: CompressionSettings, *,
              mesh: jax.sharding.Mesh | None = None, progress: bool = True,
              layer_specs: list[LayerSpec] | None = None, resume_dir: str | Path | None = None,
              on_layer: Callable[[dict], None] | None = None) -> tuple[Transformer, dict]:
-    """Compress a model with MoDeGPT on calibration ``tokens`` [N, L] (this process's rows).
+    """Compress a model with MoDeGPT on calibration ``tokens`` [N, L] (this process's rows) and return the
+    compressed model, in memory, with the report. For models whose compressed blocks should not all be in
+    memory at once, use :func:`compress_streamed`.
 
     ``layer_specs`` overrides the allocation with explicit per-layer widths (their ``rope_pairs`` are ignored:
     the CR selection chooses them); ``settings.ratio`` is then only recorded.
 
-    ``resume_dir``: checkpoint the state after every finished layer there (orbax), and resume from it when it
-    holds an unfinished run of the same configuration; the caller deletes it once the result is safely stored.
+    ``resume_dir``: stage every finished layer there (its block, the hidden states after it; see
+    :mod:`modegpt_jax.resume`), and resume from it when it holds an unfinished run of the same configuration;
+    the caller deletes it once the result is safely stored.
 
-    Returns the compressed model (every block replaced) and a report: target and achieved ratios, parameter
-    counts, per-layer block influence, sparsity, widths and reconstruction errors, and the time of each phase.
+    The report holds target and achieved ratios, parameter counts, per-layer block influence, sparsity, widths,
+    reconstruction errors and seconds, the time of each phase, compile time and peak memory.
     """
+    result = _run(source, tokens, settings, mesh=mesh, progress=progress, layer_specs=layer_specs,
+                  staging_dir=resume_dir, on_layer=on_layer)
+    return result.load_model(), result.report
+
+
+def compress_streamed(source: LayerSource | Transformer, tokens: np.ndarray, settings: CompressionSettings,
+                      staging_dir: str | Path, *, mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                      layer_specs: list[LayerSpec] | None = None,
+                      on_layer: Callable[[dict], None] | None = None) -> CompressionResult:
+    """:func:`compress` for models of any size: every finished block is written to ``staging_dir`` and leaves
+    memory, so what is resident does not grow with depth. The run resumes from ``staging_dir`` when it holds an
+    unfinished run of the same configuration. Write the result with
+    :func:`converters.hf_export.save_staged_model`, or ``result.load_model()`` when it fits in memory."""
+    return _run(source, tokens, settings, mesh=mesh, progress=progress, layer_specs=layer_specs,
+                staging_dir=staging_dir, on_layer=on_layer)
+
+
+def _plan(source, dense, out_cfg, calib, settings, layer_specs, resume, mesh, progress, timings):
+    """Per-layer sparsities, widths and parameter counts: from the resume state, explicit specs or the
+    allocation (block influence first when it needs it)."""
+    if resume is not None and "plan" in resume.state:
+        plan = resume.state["plan"]
+        timings.update(resume.state.get("timings", {}))
+        log.info("resuming from %s: %d of %d layers already compressed", resume.directory,
+                 resume.finished_layers, dense.num_layers)
+        return (None if plan["bi"] is None else np.asarray(plan["bi"]), np.asarray(plan["sparsity"]),
+                [LayerSpec.from_dict(x) for x in plan["specs"]], plan["counts"])
+    bi = None
+    if settings.allocation == "bi" and layer_specs is None:
+        t = time.perf_counter()
+        bi = block_influence(source, calib, settings, mesh, progress)
+        timings["block_influence"] = time.perf_counter() - t
+    if layer_specs is None:
+        phi, specs, counts = plan_widths(dense, out_cfg, settings, bi)
+    else:
+        specs = [dataclasses.replace(x, rope_pairs=None) for x in layer_specs]
+        before = sum(block_param_count(dense, x) for x in dense.layers)
+        after = [block_param_count(out_cfg, x) for x in specs]
+        phi = np.asarray([1.0 - a / block_param_count(dense, d) for a, d in zip(after, dense.layers)])
+        counts = {"block_params_before": before, "block_params_after": sum(after)}
+    if resume is not None:
+        resume.write_state(
+            plan={"bi": None if bi is None else bi.tolist(), "sparsity": phi.tolist(), "counts": counts,
+                  "specs": [x.to_dict() for x in specs]},
+            timings=timings,
+        )
+    return bi, phi, specs, counts
+
+
+def _compress_layer(block: Block, hs: HiddenStates, calib: _Calibration, out_cfg: ModelConfig, spec: LayerSpec,
+                    settings: CompressionSettings, mesh, where: str) -> tuple[Block, LayerSpec, dict]:
+    """One layer: attention statistics -> key-query and value-output -> compressed attention over every batch
+    (with the MLP statistics) -> Nystrom MLP -> compressed MLP over every batch. ``hs`` ends as the layer's
+    output. The passes and error metrics run on width-bucketed copies of the compressed modules (exact zero
+    padding), so layers of similar widths share compilations."""
+    graphdef, state = nnx.split(block)
+    acc = stats.Accumulator()
+    for j in range(len(hs)):
+        acc.add("s", _attention_statistics(graphdef, state, hs.get(j), mesh=mesh))
+    s = acc.finalize(where=where)["s"]
+    attn, spec, errors = compress_attention(block, out_cfg, spec, s["C"], s["E_q"], s["E_k"], settings)
+    padded_attn = bucketed_attention(attn, out_cfg, spec)
+    errors["vo"] = float(reconstruction.vo_relative_error(
+        s["C"], block.attn.v_proj.kernel[...], block.attn.o_proj.kernel[...], padded_attn.v_proj.kernel[...],
+        padded_attn.o_proj.kernel[...], out_cfg.num_heads))
+    del s
+
+    attn_def, attn_state = nnx.split(padded_attn)
+    acc = stats.Accumulator()
+    for j in range(len(hs)):
+        h_mid, c_s = _attention_pass(graphdef, state, attn_def, attn_state, hs.get(j), calib.positions[j], mesh=mesh)
+        hs.set(j, h_mid)
+        acc.add("C_s", c_s)
+    del attn_state, padded_attn
+    C_s = acc.finalize(where=where)["C_s"]
+    mlp, kept = compress_mlp(block, out_cfg, spec, C_s, settings)
+    padded_mlp = bucketed_mlp(mlp, out_cfg, spec)
+    slots = padded_mlp.down_proj.kernel.shape[0]
+    errors["mlp"] = float(reconstruction.mlp_relative_error(  # padded rows are zero: they add nothing
+        C_s, block.mlp.down_proj.kernel[...], _param(_zero_pad(kept, 0, slots)), padded_mlp.down_proj.kernel[...]))
+    del C_s
+
+    norm_def, norm_state = nnx.split(block.mlp_norm)
+    mlp_def, mlp_state = nnx.split(padded_mlp)
+    for j in range(len(hs)):
+        hs.set(j, _mlp_pass(norm_def, norm_state, mlp_def, mlp_state, hs.get(j)))
+
+    new = nnx.eval_shape(lambda: Block(out_cfg, spec, dtype=block.attn_norm.weight.dtype, rngs=nnx.Rngs(0)))
+    new.attn_norm, new.mlp_norm, new.attn, new.mlp = block.attn_norm, block.mlp_norm, attn, mlp
+    return new, spec, errors
+
+
+def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: CompressionSettings, *, mesh, progress,
+         layer_specs, staging_dir, on_layer) -> CompressionResult:
     settings.validate()
     if isinstance(source, Transformer):
         source = InMemorySource(source)
@@ -372,100 +616,53 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
     mesh = mesh if mesh is not None else make_mesh(None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    compile0 = _CompileClock.now()
 
     # The compressed model's configuration: folding a value bias needs an output bias (Qwen2 has none).
     out_cfg = dataclasses.replace(dense, o_bias=dense.o_bias or dense.qkv_bias)
     shell = source.load_shell(dense)
-    positions_local = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-    batches = []
-    for rows in _batches(tokens, settings.batch_size, mesh.shape["data"]):
-        tok = shard_batch(rows, mesh)
-        pos = shard_batch(positions_local[: len(rows)], mesh)
-        batches.append((pos, _embed(shell, tok, pos)))
+    calib = _Calibration(shell, tokens, settings, mesh)
+    on_host = settings.activations_on_host
+    if on_host is None:
+        on_host = should_park(calib.bytes_per_device())
     timings["embed"] = time.perf_counter() - t0
 
     resume = None
-    if resume_dir is not None:
-        resume = ResumeState(resume_dir, fingerprint(
+    if staging_dir is not None:
+        resume = ResumeState(staging_dir, fingerprint(
             settings=dataclasses.asdict(settings), tokens=tokens, config=dense.to_json(), dtype=str(shell.dtype),
             mesh=dict(mesh.shape), processes=jax.process_count(),
             layer_specs=None if layer_specs is None else [x.to_dict() for x in layer_specs],
         ))
-
-    if resume is not None and "plan" in resume.state:
-        plan = resume.state["plan"]
-        bi = None if plan["bi"] is None else np.asarray(plan["bi"])
-        phi, counts = np.asarray(plan["sparsity"]), plan["counts"]
-        specs = [LayerSpec.from_dict(x) for x in plan["specs"]]
-        timings.update(resume.state.get("timings", {}))
-        log.info("resuming from %s: %d of %d layers already compressed", resume.directory,
-                 resume.finished_layers, dense.num_layers)
-    else:
-        bi = None
-        if settings.allocation == "bi" and layer_specs is None:
-            t = time.perf_counter()
-            bi = block_influence(source, batches, settings, mesh, progress)
-            timings["block_influence"] = time.perf_counter() - t
-        if layer_specs is None:
-            phi, specs, counts = plan_widths(dense, out_cfg, settings, bi)
-        else:
-            specs = [dataclasses.replace(x, rope_pairs=None) for x in layer_specs]
-            before = sum(block_param_count(dense, x) for x in dense.layers)
-            after = [block_param_count(out_cfg, x) for x in specs]
-            phi = np.asarray([1.0 - a / block_param_count(dense, d) for a, d in zip(after, dense.layers)])
-            counts = {"block_params_before": before, "block_params_after": sum(after)}
-        if resume is not None:
-            resume.write_state(
-                plan={"bi": None if bi is None else bi.tolist(), "sparsity": phi.tolist(), "counts": counts,
-                      "specs": [x.to_dict() for x in specs]},
-                timings=timings,
-            )
+    bi, phi, specs, counts = _plan(source, dense, out_cfg, calib, settings, layer_specs, resume, mesh, progress,
+                                   timings)
 
     t = time.perf_counter()
-    hs = [h for _, h in batches]
-    new_blocks, final_specs, layer_reports = [], [], []
     start = 0 if resume is None else resume.finished_layers
-    for i, done in enumerate(resume.state["layers"] if start else []):
-        spec = LayerSpec.from_dict(done["spec"])
-        block = nnx.eval_shape(lambda: Block(out_cfg, spec, dtype=shell.dtype, rngs=nnx.Rngs(0)))
-        nnx.update(block, resume.restore_block(i, nnx.state(block)))
-        new_blocks.append(block)
-        final_specs.append(spec)
+    blocks: dict[int, Block] | None = None if resume is not None else {}
+    final_specs, layer_reports = [], []
+    for done in (resume.state["layers"] if start else []):
+        final_specs.append(LayerSpec.from_dict(done["spec"]))
         layer_reports.append(done["report"])
     if start:
-        hs = resume.restore_hidden(start - 1, [jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=h.sharding)
-                                               for h in hs])
+        abstract = [jax.ShapeDtypeStruct((len(tok_rows), tokens.shape[1], dense.hidden_size), calib.dtype,
+                                         sharding=batch_sharding(mesh, 3)) for tok_rows in calib.tokens]
+        hs = HiddenStates((resume.restore_hidden(start - 1, j, a) for j, a in enumerate(abstract)),
+                          on_host=on_host, dtype=calib.dtype)
+    else:  # the embeddings become the first hidden states: nothing else keeps them
+        hs = HiddenStates((calib.embed(j) for j in range(len(calib))), on_host=on_host, dtype=calib.dtype)
     bar = tqdm(range(start, dense.num_layers), desc="compress", unit="layer", disable=not progress,
                initial=start, total=dense.num_layers)
     for i in bar:
         lt = time.perf_counter()
-        block = source.load_block(i)
-        acc = stats.Accumulator()
-        for h in hs:
-            x, q, k = _attention_inputs(block, h)
-            acc.add("C", stats.gram(x, mesh=mesh))
-            acc.add("E_q", stats.channel_energy(q, mesh=mesh))
-            acc.add("E_k", stats.channel_energy(k, mesh=mesh))
-        s = acc.finalize(where=f"layer {i}")
-        attn, spec, errors = compress_attention(block, out_cfg, specs[i], s["C"], s["E_q"], s["E_k"], settings)
-
-        acc = stats.Accumulator()
-        mids = []
-        for (pos, _), h in zip(batches, hs):
-            h_mid, a = _attention_then_mlp_input(block, attn, h, pos)
-            acc.add("C_s", stats.gram(a, mesh=mesh))
-            mids.append((h_mid, a))
-        s = acc.finalize(where=f"layer {i}")
-        mlp, kept, mlp_errors = compress_mlp(block, out_cfg, spec, s["C_s"], settings)
-        errors.update(mlp_errors)
-        b_down = _value(mlp.down_proj.bias)
-        hs = [_mlp_residual(h_mid, a, kept, mlp.down_proj.kernel[...], b_down) for h_mid, a in mids]
-
-        new = nnx.eval_shape(lambda: Block(out_cfg, spec, dtype=shell.dtype, rngs=nnx.Rngs(0)))
-        new.attn_norm, new.mlp_norm, new.attn, new.mlp = block.attn_norm, block.mlp_norm, attn, mlp
-        new_blocks.append(new)
+        new, spec, errors = _compress_layer(source.load_block(i), hs, calib, out_cfg, specs[i], settings, mesh,
+                                            where=f"layer {i}")
         final_specs.append(spec)
-        del block
+        if blocks is not None:
+            blocks[i] = new
+        else:
+            staging.write_block(staging_dir, i, new)
+        del new
         entry = {
             "layer": i,
             "block_influence": None if bi is None else float(bi[i]),
@@ -478,9 +675,13 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
             "errors": errors,
             "seconds": round(time.perf_counter() - lt, 3),
         }
-        layer_reports.append(entry)
         if resume is not None:
-            resume.save_layer(i, nnx.state(new), hs, {"spec": spec.to_dict(), "report": entry})
+            rt = time.perf_counter()
+            resume.save_layer(i, hs, {"spec": spec.to_dict(), "report": entry})
+            # What resuming costs: the hidden states after this layer, written and the previous ones deleted.
+            entry["resume_seconds"] = round(time.perf_counter() - rt, 3)
+            resume.write_state()  # the entry in the state is this dict: record its resume cost too
+        layer_reports.append(entry)
         msg = (f"layer {i:>3}: sparsity {phi[i]:.3f}  mlp {spec.mlp_width}/{dense.intermediate_size}  "
                f"qk {spec.qk_dim}/{dense.head_dim}  vo {spec.vo_dim}/{dense.head_dim}  |  rel. error "
                f"mlp {errors['mlp']:.4f}  vo {errors['vo']:.4f}  qk score dropped {errors['qk_score_dropped']:.4f}")
@@ -489,17 +690,15 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
             bar.write(msg)
         if on_layer is not None:
             on_layer(entry)
+    del hs
     # On resume, the finished layers' own times count too.
     timings["compress"] = time.perf_counter() - t + sum(r["seconds"] for r in layer_reports[:start])
-
-    final_cfg = out_cfg.with_layers(final_specs)
-    model = nnx.eval_shape(lambda: Transformer(final_cfg, dtype=shell.dtype, rngs=nnx.Rngs(0)))
-    copy_top_level(shell, model)
-    model.layers = nnx.List(new_blocks)
+    timings["compile"] = _CompileClock.now() - compile0
     timings["total"] = time.perf_counter() - t0
 
+    final_cfg = out_cfg.with_layers(final_specs)
     total_before = count_params(shell)  # the dense shell's blocks are shapes only, but they count
-    total_after = count_params(model)
+    total_after = count_params(nnx.eval_shape(lambda: Transformer(final_cfg, dtype=shell.dtype, rngs=nnx.Rngs(0))))
     report = {
         "method": "MoDeGPT",
         "target_ratio": settings.ratio,
@@ -511,8 +710,10 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
         "block_params_after": int(counts["block_params_after"]),
         "settings": dataclasses.asdict(settings),
         "calibration": {"samples": int(len(tokens) * jax.process_count()), "seqlen": int(tokens.shape[1])},
-        "devices": {"mesh": dict(mesh.shape), "processes": jax.process_count()},
+        "devices": {"mesh": dict(mesh.shape), "processes": jax.process_count(),
+                    "activations_on_host": bool(on_host)},
         "layers": layer_reports,
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "memory": _peak_memory(),
     }
-    return model, report
+    return CompressionResult(final_cfg, shell, report, None if blocks is not None else Path(staging_dir), blocks)

@@ -1,10 +1,11 @@
 """Resumable compression: the pipeline's state after each finished layer, saved with orbax.
 
-Layout of a resume directory::
+Layout of a resume directory (it is also the run's staging directory, see :mod:`modegpt_jax.staging`)::
 
-    state.json          fingerprint of the run, allocation, and the finished layers (written last, atomically)
-    block_007/          orbax checkpoint of compressed block 7's parameters
-    hidden_007/         orbax checkpoint of the calibration hidden states after block 7 (only the latest kept)
+    state.json               fingerprint of the run, allocation, and the finished layers (written last, atomically)
+    block_00007.safetensors  compressed block 7 (written when it is finished; the output is assembled from these)
+    hidden_007/              orbax checkpoint of the calibration hidden states after block 7: only the latest is
+                             kept, the previous one is deleted once the new one is recorded
 
 A kill at any moment leaves either the previous ``state.json`` (the half-written layer is redone) or the new one;
 orbax finalises each checkpoint directory atomically. A run whose fingerprint (settings, calibration tokens,
@@ -23,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from modegpt_jax.activations import HiddenStates
 from modegpt_jax.errors import UserError
 
 STATE = "state.json"
@@ -66,31 +68,32 @@ class ResumeState:
         return len(self.state.get("layers", []))
 
     def write_state(self, **updates: Any) -> None:
+        self.state.update(updates, fingerprint=self.fingerprint)
         if jax.process_index() == 0:
-            self.state.update(updates, fingerprint=self.fingerprint)
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = self.directory / (STATE + ".tmp")
             tmp.write_text(json.dumps(self.state, indent=1))
             os.replace(tmp, self.directory / STATE)
 
-    def save_layer(self, layer: int, block_state: Any, hidden: list[jax.Array], entry: dict[str, Any]) -> None:
-        """Checkpoint compressed block ``layer`` and the hidden states after it, then record it as finished."""
+    def save_layer(self, layer: int, hidden: HiddenStates, entry: dict[str, Any]) -> None:
+        """Checkpoint the hidden states after layer ``layer`` (its block is already in the staging files), then
+        record the layer as finished and delete the previous layer's hidden states. Batches are saved one at a
+        time, so hidden states parked in host memory come onto the devices one batch at a time."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for name, tree in ((f"block_{layer:03d}", block_state), (f"hidden_{layer:03d}", hidden)):
-            if (self.directory / name).exists():  # left by a kill between this save and its state record
-                shutil.rmtree(self.directory / name)
-            self._ckpt.save(self.directory / name, tree)
-        self._ckpt.wait_until_finished()
+        target = self.directory / f"hidden_{layer:03d}"
+        if target.exists():  # left by a kill between this save and its state record
+            shutil.rmtree(target)
+        for j in range(len(hidden)):
+            self._ckpt.save(target / f"batch_{j:04d}", {"h": hidden.get(j)})
+            self._ckpt.wait_until_finished()
         self.write_state(layers=[*self.state.get("layers", []), entry])
         previous = self.directory / f"hidden_{layer - 1:03d}"
         if previous.exists() and jax.process_index() == 0:
             shutil.rmtree(previous)
 
-    def restore_block(self, layer: int, abstract_state: Any) -> Any:
-        return self._ckpt.restore(self.directory / f"block_{layer:03d}", abstract_state)
-
-    def restore_hidden(self, layer: int, abstract_hidden: list[Any]) -> list[jax.Array]:
-        return self._ckpt.restore(self.directory / f"hidden_{layer:03d}", abstract_hidden)
+    def restore_hidden(self, layer: int, batch: int, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+        """Batch ``batch`` of the hidden states after layer ``layer``."""
+        return self._ckpt.restore(self.directory / f"hidden_{layer:03d}" / f"batch_{batch:04d}", {"h": abstract})["h"]
 
     def remove(self) -> None:
         if jax.process_index() == 0:
