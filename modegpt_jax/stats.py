@@ -119,6 +119,29 @@ def _token_mask(mask, batch_shape: tuple[int, int]):
 # statistics (one batch each)
 
 
+#: A Gram matrix at least this wide is computed in GRAM_BLOCKS x GRAM_BLOCKS blocks, the upper triangle only (its
+#: lower blocks are transposes): 10 of 16 block products, 37.5% fewer FLOPs than one full product.
+GRAM_BLOCK_MIN_WIDTH = 512
+GRAM_BLOCKS = 4
+
+
+def _symmetric_product(x, acc):
+    """``x^T x`` for ``x [tokens, n]``, from the blocks on and above the diagonal."""
+    n = x.shape[-1]
+
+    def dot(a, b):
+        return jnp.einsum("tn,tm->nm", a, b, precision=_HIGHEST, preferred_element_type=acc)
+
+    if n < GRAM_BLOCK_MIN_WIDTH:
+        return dot(x, x)
+    edges = [round(i * n / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
+    parts = [x[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
+    upper = {(i, j): dot(parts[i], parts[j]) for i in range(GRAM_BLOCKS) for j in range(i, GRAM_BLOCKS)}
+    rows = [jnp.concatenate([upper[(i, j)] if j >= i else upper[(j, i)].T for j in range(GRAM_BLOCKS)], axis=1)
+            for i in range(GRAM_BLOCKS)]
+    return jnp.concatenate(rows, axis=0)
+
+
 @functools.partial(jax.jit, static_argnames=("mesh", "acc", "shard_model"))
 def _gram(x, mask, *, mesh, acc, shard_model):
     x = _constrain(x, mesh, DATA)
@@ -127,7 +150,7 @@ def _gram(x, mask, *, mesh, acc, shard_model):
     if mask is not None:
         # where(), not x * mask: padding may hold NaN/Inf, and 0 * NaN is NaN.
         x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
-    out = jnp.einsum("btn,btm->nm", x, x, precision=_HIGHEST, preferred_element_type=acc)
+    out = _symmetric_product(x.reshape(-1, x.shape[-1]), acc)
     # Sharding the output rows over "model" also splits the matmul: each model device computes only its rows.
     return _constrain(out, mesh, MODEL if shard_model else None, None)
 

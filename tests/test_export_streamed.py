@@ -317,10 +317,12 @@ def test_disk_full_on_a_real_small_file_system(tmp_path):
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
-        with pytest.raises(UserError, match="no space left"):
-            save_staged_model(mount / "export", shell=shell, config=model.config, staging_dir=staging,
-                              base_hf_config=base)
-        assert list(mount.iterdir()) == []
+        for save in (lambda out: save_model(model, out, base_hf_config=base),
+                     lambda out: save_staged_model(out, shell=shell, config=model.config, staging_dir=staging,
+                                                   base_hf_config=base)):
+            with pytest.raises(UserError, match="no space left"):
+                save(mount / "export")
+            assert list(mount.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mount)], check=True)
 

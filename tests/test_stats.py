@@ -66,6 +66,14 @@ def test_gram_matches_numpy():
     assert_close(got, np_gram(x))
 
 
+def test_wide_gram_from_its_upper_blocks_matches_numpy():
+    n = stats.GRAM_BLOCK_MIN_WIDTH + 77  # blocks of unequal widths
+    x = (rng().standard_normal((2, 40, n)) * rng(1).uniform(0.1, 4, n)).astype(np.float32)
+    got = np.asarray(stats.gram(x))
+    assert_close(got, np_gram(x))
+    np.testing.assert_array_equal(got, got.T)  # the lower blocks are the upper ones transposed
+
+
 def test_gram_of_bfloat16_sums_exact_products_in_float32():
     x = jnp.asarray(rng().standard_normal((4, 64, 16)), jnp.bfloat16)
     got = stats.gram(x)

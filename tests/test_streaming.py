@@ -130,3 +130,30 @@ def test_bfloat16_hidden_states(checkpoints, monkeypatch):
     # Same widths; bfloat16 hidden states change the fitted weights a little, not the quality.
     assert err_bf16 < 1.5 * err_ref
     assert not np.array_equal(np.asarray(ref(sample)), np.asarray(bf16(sample)))
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+def test_an_interrupted_run_resumes_to_the_same_model(checkpoints, tmp_path, on_host):
+    ckpt = checkpoints[4]
+    settings = pipeline.CompressionSettings(**{**SETTINGS.__dict__, "activations_on_host": on_host})
+    reference = params(compress_streamed(ckpt, tokens(), settings, tmp_path / "ref", progress=False).load_model())
+
+    def stop_after_two(entry):
+        if entry["layer"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        compress_streamed(ckpt, tokens(), settings, tmp_path / "run", progress=False, on_layer=stop_after_two)
+    # Only the last finished layer's hidden states are kept.
+    assert [p.name for p in sorted((tmp_path / "run").glob("hidden_*"))] == ["hidden_001"]
+    done = []
+    result = compress_streamed(ckpt, tokens(), settings, tmp_path / "run", progress=False,
+                               on_layer=lambda e: done.append(e["layer"]))
+    assert done == [2, 3]
+    resumed = params(result.load_model())
+    for path in reference:
+        np.testing.assert_array_equal(resumed[path], reference[path], err_msg=str(path))
