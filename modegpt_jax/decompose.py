@@ -164,10 +164,29 @@ def _leverage(C: jax.Array, alpha: jax.Array) -> jax.Array:
     C = 0.5 * (C + C.T)  # accumulated statistics are symmetric only up to rounding
     lam = alpha * _scale(jnp.diagonal(C))
     L = jnp.linalg.cholesky(C + lam * jnp.eye(n, dtype=C.dtype))
-    L_inv = jsl.solve_triangular(L, jnp.eye(n, dtype=C.dtype), lower=True)
-    diag_inv = jnp.sum(L_inv * L_inv, axis=0)
     # Exact scores lie in [0, 1); rounding can push them a hair outside.
-    return jnp.clip(1.0 - lam * diag_inv, 0.0, 1.0)
+    return jnp.clip(1.0 - lam * _inverse_diagonal(L), 0.0, 1.0)
+
+
+#: Columns of ``L^-1`` solved at a time by :func:`_inverse_diagonal`.
+INVERSE_BLOCK = 1024
+
+
+def _inverse_diagonal(L: jax.Array) -> jax.Array:
+    """``diag((L L^T)^-1)``: the squared norms of the columns of ``L^-1``, solved ``INVERSE_BLOCK`` columns at a
+    time in a loop, so only one ``[n, block]`` slice of the inverse exists at once instead of ``[n, n]`` (and its
+    identity): for a 28672-wide MLP statistic in float64 that is 6.6 GB less."""
+    n = L.shape[0]
+    block = min(INVERSE_BLOCK, n)
+    count = -(-n // block)
+    rows = jnp.arange(n)[:, None]
+
+    def body(b, out):
+        identity_columns = (rows == b * block + jnp.arange(block)[None, :]).astype(L.dtype)
+        x = jsl.solve_triangular(L, identity_columns, lower=True)
+        return lax.dynamic_update_slice(out, jnp.sum(x * x, axis=0), (b * block,))
+
+    return lax.fori_loop(0, count, body, jnp.zeros(count * block, L.dtype))[:n]
 
 
 _leverage_jit = jax.jit(_leverage)

@@ -652,43 +652,45 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
         hs = HiddenStates((calib.embed(j) for j in range(len(calib))), on_host=on_host, dtype=calib.dtype)
     bar = tqdm(range(start, dense.num_layers), desc="compress", unit="layer", disable=not progress,
                initial=start, total=dense.num_layers)
-    for i in bar:
-        lt = time.perf_counter()
-        new, spec, errors = _compress_layer(source.load_block(i), hs, calib, out_cfg, specs[i], settings, mesh,
-                                            where=f"layer {i}")
-        final_specs.append(spec)
-        if blocks is not None:
-            blocks[i] = new
-        else:
-            staging.write_block(staging_dir, i, new)
-        del new
-        entry = {
-            "layer": i,
-            "block_influence": None if bi is None else float(bi[i]),
-            "sparsity": float(phi[i]),
-            "mlp_width": spec.mlp_width,
-            "qk_dim": spec.qk_dim,
-            "vo_dim": spec.vo_dim,
-            "params_before": dict(zip(("attention", "mlp"), module_param_counts(dense, dense.layers[i]))),
-            "params_after": dict(zip(("attention", "mlp"), module_param_counts(out_cfg, spec))),
-            "errors": errors,
-            "seconds": round(time.perf_counter() - lt, 3),
-        }
+    try:
+        for i in bar:
+            lt = time.perf_counter()
+            new, spec, errors = _compress_layer(source.load_block(i), hs, calib, out_cfg, specs[i], settings, mesh,
+                                                where=f"layer {i}")
+            final_specs.append(spec)
+            if blocks is not None:
+                blocks[i] = new
+            else:
+                staging.write_block(staging_dir, i, new)
+            del new
+            entry = {
+                "layer": i,
+                "block_influence": None if bi is None else float(bi[i]),
+                "sparsity": float(phi[i]),
+                "mlp_width": spec.mlp_width,
+                "qk_dim": spec.qk_dim,
+                "vo_dim": spec.vo_dim,
+                "params_before": dict(zip(("attention", "mlp"), module_param_counts(dense, dense.layers[i]))),
+                "params_after": dict(zip(("attention", "mlp"), module_param_counts(out_cfg, spec))),
+                "errors": errors,
+                "seconds": round(time.perf_counter() - lt, 3),
+            }
+            if resume is not None:
+                # What resuming costs the run: the hidden states copied off for writing (the write itself overlaps
+                # the next layer), stored in the entry as "resume_seconds".
+                resume.save_layer(i, hs, {"spec": spec.to_dict(), "report": entry})
+            layer_reports.append(entry)
+            msg = (f"layer {i:>3}: sparsity {phi[i]:.3f}  mlp {spec.mlp_width}/{dense.intermediate_size}  "
+                   f"qk {spec.qk_dim}/{dense.head_dim}  vo {spec.vo_dim}/{dense.head_dim}  |  rel. error "
+                   f"mlp {errors['mlp']:.4f}  vo {errors['vo']:.4f}  qk score dropped {errors['qk_score_dropped']:.4f}")
+            log.info(msg)
+            if progress:
+                bar.write(msg)
+            if on_layer is not None:
+                on_layer(entry)
+    finally:
         if resume is not None:
-            rt = time.perf_counter()
-            resume.save_layer(i, hs, {"spec": spec.to_dict(), "report": entry})
-            # What resuming costs: the hidden states after this layer, written and the previous ones deleted.
-            entry["resume_seconds"] = round(time.perf_counter() - rt, 3)
-            resume.write_state()  # the entry in the state is this dict: record its resume cost too
-        layer_reports.append(entry)
-        msg = (f"layer {i:>3}: sparsity {phi[i]:.3f}  mlp {spec.mlp_width}/{dense.intermediate_size}  "
-               f"qk {spec.qk_dim}/{dense.head_dim}  vo {spec.vo_dim}/{dense.head_dim}  |  rel. error "
-               f"mlp {errors['mlp']:.4f}  vo {errors['vo']:.4f}  qk score dropped {errors['qk_score_dropped']:.4f}")
-        log.info(msg)
-        if progress:
-            bar.write(msg)
-        if on_layer is not None:
-            on_layer(entry)
+            resume.wait()  # the last hidden states are on disk and recorded, also when the run was interrupted
     del hs
     # On resume, the finished layers' own times count too.
     timings["compress"] = time.perf_counter() - t + sum(r["seconds"] for r in layer_reports[:start])

@@ -94,6 +94,17 @@ def test_leverage_matches_explicit_inverse(alpha):
     np.testing.assert_allclose(np_(s32), ref_leverage(C, alpha), atol=2e-3)
 
 
+def test_leverage_solved_in_column_blocks(monkeypatch):
+    from modegpt_jax import decompose
+
+    monkeypatch.setattr(decompose, "INVERSE_BLOCK", 7)  # 37 columns: five full blocks and a partial one
+    rng = np.random.default_rng(3)
+    A = correlated(rng, 300, 37, decay=1.5)
+    C = A.T @ A
+    s = ridge_leverage_scores(C, 0.1, precision64=True)
+    np.testing.assert_allclose(np_(s), ref_leverage(C, 0.1), rtol=1e-9, atol=1e-11)
+
+
 def test_leverage_scale_invariant_and_dead_channel_zero():
     rng = np.random.default_rng(1)
     A = rng.standard_normal((200, 20))
