@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             continue
         out = workdir / f"{shape_name}-L{n}-out"
+        # A whole run is measured: a run killed earlier must not be resumed from.
+        shutil.rmtree(out.parent / f".{out.name}.resume", ignore_errors=True)
         cmd = [*_modegpt_command(), "compress", "--model", str(ckpt_dir), "--ratio", str(args.ratio),
                "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
                "--output", str(out), "--overwrite", *extra]
