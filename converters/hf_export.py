@@ -40,6 +40,7 @@ from modegpt_jax.config import ModelConfig
 from modegpt_jax.families import config_from_hf
 from modegpt_jax.model import Transformer
 from modegpt_jax.rope import kept_pair_frequencies
+from modegpt_jax.staging import array_key, block_file
 from modegpt_jax.stats import to_host
 
 REMOTE_CODE = Path(__file__).parent / "remote_code"
@@ -428,21 +429,21 @@ def staged_entries(shell: Transformer, config: ModelConfig, staging_dir: str | P
     keys: dict[int, set[str]] = {}
     for path, _ in nnx.to_flat_state(nnx.state(template)):  # every array of a block, buffers included
         if path[0] == "layers":
-            keys.setdefault(int(path[1]), set()).add(".".join(str(p) for p in path[2:]))
+            keys.setdefault(int(path[1]), set()).add(array_key(path[2:]))
     block_params: dict[int, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
     for path, shape in params:
         if path[0] == "layers":
-            block_params.setdefault(int(path[1]), {})[".".join(str(p) for p in path[2:])] = (shape, dtype)
+            block_params.setdefault(int(path[1]), {})[array_key(path[2:])] = (shape, dtype)
     top = {tuple(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(shell, nnx.Param))
            if path[0] != "layers"}
-    staging = Path(staging_dir)
-    blocks = {i: _staged_block(staging / f"block_{i:05d}.safetensors", i, keys[i], block_params[i])
+    staging_path = Path(staging_dir)
+    blocks = {i: _staged_block(block_file(staging_path, i), i, keys[i], block_params[i])
               for i in sorted(block_params)}
     entries = []
     for path, shape in params:
         name, transpose = hf_name(name_map, path)
         if path[0] == "layers":
-            load = blocks[int(path[1])][".".join(str(p) for p in path[2:])]
+            load = blocks[int(path[1])][array_key(path[2:])]
         else:
             value = top.get(path)
             if (value is None or isinstance(value, jax.ShapeDtypeStruct) or tuple(value.shape) != shape

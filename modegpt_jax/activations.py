@@ -49,10 +49,9 @@ def should_park(bytes_per_device: int) -> bool:
 class HiddenStates:
     """One array per calibration batch; ``on_host`` parks them in host memory between uses."""
 
-    def __init__(self, arrays: Iterable[jax.Array], *, on_host: bool = False, dtype=None):
+    def __init__(self, arrays: Iterable[jax.Array], *, on_host: bool = False):
         """``arrays`` may be a generator: with ``on_host`` each batch is parked before the next one is made."""
         self.on_host = on_host
-        self.dtype = dtype
         self._items: list = []
         for x in arrays:
             self._items.append(None)
@@ -66,7 +65,5 @@ class HiddenStates:
         return x.restore() if isinstance(x, _Parked) else x
 
     def set(self, j: int, x: jax.Array) -> None:
-        if self.dtype is not None and x.dtype != self.dtype:
-            x = x.astype(self.dtype)
         self._items[j] = _Parked(x) if self.on_host else x
 

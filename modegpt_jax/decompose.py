@@ -124,9 +124,10 @@ def _with_growing_ridge(what: str, solve, ridge: float):
     while True:
         out = solve(ridge)
         finite = all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(out))
-        if finite or ridge >= _RIDGE_LIMIT:
-            _check_finite(what, *jax.tree.leaves(out))
+        if finite:
             return out
+        if ridge >= _RIDGE_LIMIT:
+            _check_finite(what, *jax.tree.leaves(out))  # raises: the result is not finite
         ridge = min(max(ridge, 1e-12) * _RIDGE_GROWTH, _RIDGE_LIMIT)
 
 

@@ -647,9 +647,9 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
     if start:
         abstract = [jax.ShapeDtypeStruct((len(tok_rows), tokens.shape[1], dense.hidden_size), calib.dtype,
                                          sharding=batch_sharding(mesh, 3)) for tok_rows in calib.tokens]
-        hs = HiddenStates(resume.restore_hidden(start - 1, abstract), on_host=on_host, dtype=calib.dtype)
+        hs = HiddenStates(resume.restore_hidden(start - 1, abstract), on_host=on_host)
     else:  # the embeddings become the first hidden states: nothing else keeps them
-        hs = HiddenStates((calib.embed(j) for j in range(len(calib))), on_host=on_host, dtype=calib.dtype)
+        hs = HiddenStates((calib.embed(j) for j in range(len(calib))), on_host=on_host)
     bar = tqdm(range(start, dense.num_layers), desc="compress", unit="layer", disable=not progress,
                initial=start, total=dense.num_layers)
     try:

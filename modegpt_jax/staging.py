@@ -31,12 +31,15 @@ def block_file(directory: str | Path, layer: int) -> Path:
     return Path(directory) / f"block_{layer:05d}.safetensors"
 
 
+def array_key(path: tuple) -> str:
+    """The key of a block's array in its file: its NNX state path inside the block, joined by "."."""
+    return ".".join(str(p) for p in path)
+
+
 def block_arrays(block: Block) -> dict[str, np.ndarray]:
     """Every array of a block (parameters and buffers) under its dotted path, as host arrays."""
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(block)):
-        out[".".join(str(p) for p in path)] = np.ascontiguousarray(to_host(var.get_value()))
-    return out
+    return {array_key(path): np.ascontiguousarray(to_host(var.get_value()))
+            for path, var in nnx.to_flat_state(nnx.state(block))}
 
 
 def write_block(directory: str | Path, layer: int, block: Block) -> Path:
@@ -62,7 +65,7 @@ def read_block(directory: str | Path, layer: int, cfg: ModelConfig, spec: LayerS
     state = nnx.state(block)
     with safe_open(str(block_file(directory, layer)), framework="numpy") as f:
         for path, var in nnx.to_flat_state(state):
-            array = f.get_tensor(".".join(str(p) for p in path))
+            array = f.get_tensor(array_key(path))
             if tuple(array.shape) != tuple(var.shape):
                 raise ValueError(f"staged block {layer}: {path} has shape {array.shape}, expected {var.shape}")
             var.set_value(jax.numpy.asarray(array, dtype=var.dtype))

@@ -291,6 +291,13 @@ def _small(tmp_path):
     return model, base, shell_of(model), stage(model, tmp_path / "staging")
 
 
+def _both_writers(model, base, shell, staging):
+    """Write the same model to a directory from memory and from its staged blocks."""
+    return (lambda out: save_model(model, out, base_hf_config=base),
+            lambda out: save_staged_model(out, shell=shell, config=model.config, staging_dir=staging,
+                                          base_hf_config=base))
+
+
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     model, base, shell, staging = _small(tmp_path)
     parent = tmp_path / "outputs"
@@ -300,9 +307,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(hf_export, "_write_array", full)
-    for save in (lambda out: save_model(model, out, base_hf_config=base),
-                 lambda out: save_staged_model(out, shell=shell, config=model.config, staging_dir=staging,
-                                               base_hf_config=base)):
+    for save in _both_writers(model, base, shell, staging):
         with pytest.raises(UserError, match="no space left.*free some space or choose an --output"):
             save(parent / "export")
         assert list(parent.iterdir()) == []
@@ -317,9 +322,7 @@ def test_disk_full_on_a_real_small_file_system(tmp_path):
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
-        for save in (lambda out: save_model(model, out, base_hf_config=base),
-                     lambda out: save_staged_model(out, shell=shell, config=model.config, staging_dir=staging,
-                                                   base_hf_config=base)):
+        for save in _both_writers(model, base, shell, staging):
             with pytest.raises(UserError, match="no space left"):
                 save(mount / "export")
             assert list(mount.iterdir()) == []
