@@ -1,7 +1,7 @@
 """The three MoDeGPT module decompositions, as pure functions of arrays.
 
-Nothing here knows about models, files or devices: every function takes weights and calibration statistics
-and returns smaller weights. Conventions (see ``docs/modegpt-method.md``):
+Nothing here knows about models or files: every function takes weights and calibration statistics and returns
+smaller weights. Conventions (see ``docs/modegpt-method.md``):
 
 * Weights are in ``[in, out]`` orientation (``y = x @ W``). A PyTorch ``Linear.weight`` is the transpose.
 * ``d`` hidden size, ``d_int`` MLP width, ``H`` query heads, ``G`` key/value heads, ``g = H / G`` query heads per
@@ -24,6 +24,18 @@ at ``"highest"`` precision (TF32 on GPU or bf16 passes on TPU would spoil the st
 regularised by a ridge *relative to the scale of the matrix* (a fraction of the mean of its diagonal), larger in
 float32 (``1e-4``) than in float64 (``1e-8``), so that Cholesky factorisations of rank-deficient Gram matrices
 (dead ReLU channels, fewer tokens than channels) succeed.
+
+Placement
+---------
+Every factorisation runs on one device, this process's first (:func:`compute_device`), whatever the sharding of
+its inputs: a sharded or replicated input is copied there first (gathered from the other processes when this
+process does not hold all of it). Besides being small next to the calibration passes, this avoids a deadlock in
+jaxlib's CPU kernels: a batched LAPACK call (the per-group SVD, Cholesky and triangular solves) splits its batch
+over XLA:CPU's intra-op thread pool and waits for the pieces from inside that pool, so when several CPU devices run
+one at the same time (inputs replicated over a mesh), every pool thread can end up waiting and none is left to do
+the work; with two simulated devices on a two-core machine the first value-output SVD hung for good. Results are
+host-side NumPy copies turned back into arrays on the default device; in a multi-process run every process
+computes the same result from the same inputs on the same kind of device.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ __all__ = [
     "RIDGE_FLOAT64",
     "apply_qk_selection",
     "compute_context",
+    "compute_device",
     "cr_qk_select",
     "fold_value_bias",
     "nystrom_mlp",
@@ -92,6 +105,25 @@ def compute_context(precision64: bool | None = None) -> Iterator[Any]:
             stack.enter_context(jax.enable_x64(True))
         stack.enter_context(jax.default_matmul_precision("highest"))
         yield jnp.float64 if use64 else jnp.float32
+
+
+def compute_device() -> jax.Device:
+    """The device the factorisations run on: this process's first device (see "Placement" above)."""
+    return jax.local_devices()[0]
+
+
+def _placed(x: Any, dtype: Any) -> jax.Array:
+    """``x`` (an array of any sharding, or anything NumPy takes) as a ``dtype`` array on :func:`compute_device`."""
+    if isinstance(x, jax.Array):
+        if not x.is_fully_addressable:  # a multi-process array: every process gathers the whole value
+            from jax.experimental import multihost_utils
+
+            x = multihost_utils.process_allgather(x, tiled=True)
+        elif len(x.sharding.device_set) == 1 and compute_device() in x.sharding.device_set:
+            return x.astype(dtype)
+        else:
+            return jax.device_put(x, compute_device()).astype(dtype)
+    return jax.device_put(np.asarray(x).astype(dtype), compute_device())
 
 
 def _ridge(value: float | None, dtype: Any) -> float:
@@ -215,7 +247,7 @@ def ridge_leverage_scores(C: jax.Array, alpha: float = DEFAULT_LEVERAGE_ALPHA, *
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     with compute_context(precision64) as cdt:
-        s = _leverage_jit(jnp.asarray(C, cdt), jnp.asarray(alpha, cdt))
+        s = _leverage_jit(_placed(C, cdt), _placed(alpha, cdt))
         _check_finite("ridge_leverage_scores", s)
         return s.astype(_out_dtype(C))
 
@@ -308,10 +340,10 @@ def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, 
 
     slots = width_bucket(width, d_int)
     with compute_context(precision64) as cdt:
-        C_c, w_c, alpha_c = jnp.asarray(C_s, cdt), jnp.asarray(w_down, cdt), jnp.asarray(alpha, cdt)
+        C_c, w_c, alpha_c = _placed(C_s, cdt), _placed(w_down, cdt), _placed(alpha, cdt)
         kept, w_d = _with_growing_ridge(
             "nystrom_mlp",
-            lambda r: _nystrom_kernel(C_c, w_c, alpha_c, jnp.asarray(r, cdt), jnp.asarray(width, jnp.int32), slots),
+            lambda r: _nystrom_kernel(C_c, w_c, alpha_c, _placed(r, cdt), _placed(width, jnp.int32), slots),
             _ridge(delta, cdt),
         )
         # Everything sized by the width is cut and gathered on the host: an eager JAX op would compile once per
@@ -372,8 +404,8 @@ def cr_qk_select(energy_q: jax.Array, energy_k: jax.Array, qk_dim: int, *,
         sorted within each half (without RoPE: sorted).
     """
     # A ranking only: float32 is ample, no float64 needed.
-    energy_q = jnp.asarray(energy_q, jnp.float32)
-    energy_k = jnp.asarray(energy_k, jnp.float32)
+    energy_q = _placed(energy_q, jnp.float32)
+    energy_k = _placed(energy_k, jnp.float32)
     if energy_q.ndim != 2 or energy_k.ndim != 2 or energy_q.shape[1] != energy_k.shape[1]:
         raise ValueError(f"energy_q [H, dh] and energy_k [G, dh] expected, got {energy_q.shape}, {energy_k.shape}")
     H, dh = energy_q.shape
@@ -512,10 +544,10 @@ def vo_svd(C: jax.Array, w_v: jax.Array, w_o: jax.Array, rank: int, n_heads: int
         raise ValueError(f"rank must be in [1, {dh}], got {rank}")
     slots = width_bucket(rank, dh, parts=8)
     with compute_context(precision64) as cdt:
-        C_c, wv_c, wo_c = jnp.asarray(C, cdt), jnp.asarray(w_v, cdt), jnp.asarray(w_o, cdt)
+        C_c, wv_c, wo_c = _placed(C, cdt), _placed(w_v, cdt), _placed(w_o, cdt)
         v_new, o_new = _with_growing_ridge(
             "vo_svd",
-            lambda r: _vo_kernel(C_c, wv_c, wo_c, jnp.asarray(r, cdt), jnp.asarray(rank, jnp.int32), slots, H),
+            lambda r: _vo_kernel(C_c, wv_c, wo_c, _placed(r, cdt), _placed(rank, jnp.int32), slots, H),
             _ridge(eps, cdt),
         )
         # Cut to the rank and laid out on the host (sizes that change per layer would compile per layer).
@@ -550,8 +582,8 @@ def fold_value_bias(b_v: jax.Array, w_o: jax.Array, b_o: jax.Array | None, n_hea
     G = b_v.shape[0] // dh
     with compute_context(precision64) as cdt:
         # Head i reads group i // g's value bias.
-        b_rep = jnp.repeat(jnp.asarray(b_v, cdt).reshape(G, dh), H // G, axis=0).reshape(H * dh)
-        new = _mm(b_rep, jnp.asarray(w_o, cdt))
+        b_rep = jnp.repeat(_placed(b_v, cdt).reshape(G, dh), H // G, axis=0).reshape(H * dh)
+        new = _mm(b_rep, _placed(w_o, cdt))
         if b_o is not None:
-            new = new + jnp.asarray(b_o, cdt)
+            new = new + _placed(b_o, cdt)
         return new.astype(_out_dtype(w_o if b_o is None else b_o))
