@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from converters.checkpoint import TensorSource, open_checkpoint
 from converters.name_maps import NAME_MAPS, hf_name
@@ -24,6 +25,7 @@ from modegpt_jax.errors import UserError
 from modegpt_jax.families import config_from_hf
 from modegpt_jax.model import Block, Buffer, Transformer
 from modegpt_jax.rope import kept_pair_frequencies
+from modegpt_jax.sharding import make_sharded, param_sharding
 
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
@@ -64,8 +66,9 @@ class HFCheckpoint:
             self._names = set(self._source.names())
         return self._source
 
-    def tensor(self, path: tuple, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-        """Our parameter at ``path``, read from the checkpoint, transposed and cast."""
+    def tensor(self, path: tuple, shape: tuple[int, ...], dtype: Any, mesh: Mesh | None = None) -> jax.Array:
+        """Our parameter at ``path``, read from the checkpoint, transposed and cast; with ``mesh``, placed on it
+        with :func:`modegpt_jax.sharding.param_spec`'s sharding, each device taking its slice of the host copy."""
         name, transpose = hf_name(self.name_map, path)
         source = self.source
         if name not in self._names and name.removeprefix("model.") in self._names:
@@ -82,24 +85,31 @@ class HFCheckpoint:
             raise UserError(
                 f"tensor {name!r} has shape {tuple(array.shape)}, the configuration implies {tuple(shape)}"
             )
+        if mesh is not None:
+            return make_sharded(array.shape, dtype, param_sharding(mesh, path, array.shape), lambda i: array[i])
         return jnp.asarray(np.ascontiguousarray(array), dtype=dtype)
 
-    def fill(self, module: nnx.Module, prefix: tuple = (), *, skip_layers: bool = False) -> None:
+    def fill(self, module: nnx.Module, prefix: tuple = (), *, skip_layers: bool = False,
+             mesh: Mesh | None = None) -> None:
         """Replace every parameter of an (abstract) module by the checkpoint's tensor, and set buffers.
 
         ``skip_layers`` leaves the decoder blocks abstract (the compression pipeline fills them one by one).
+        ``mesh`` places every array on it (:mod:`modegpt_jax.sharding`) instead of the default device.
         """
         params, buffers = nnx.state(module, nnx.Param, Buffer)
         for path, var in nnx.to_flat_state(params):
             if skip_layers and path[0] == "layers":
                 continue
-            var.set_value(self.tensor(prefix + tuple(path), var.shape, var.dtype))
+            var.set_value(self.tensor(prefix + tuple(path), var.shape, var.dtype, mesh))
         for path, var in nnx.to_flat_state(buffers):
             if skip_layers:
                 break
             full = prefix + tuple(path)
             layer = int(full[full.index("layers") + 1])
-            var.set_value(jnp.asarray(kept_pair_frequencies(self.config, self.config.layers[layer])))
+            freqs = np.asarray(kept_pair_frequencies(self.config, self.config.layers[layer]))
+            var.set_value(jnp.asarray(freqs) if mesh is None else
+                          make_sharded(freqs.shape, freqs.dtype, param_sharding(mesh, path, freqs.shape),
+                                       lambda i, f=freqs: f[i]))
         nnx.update(module, params, buffers)
 
     def load_model(self, dtype: Any = None) -> Transformer:
@@ -109,20 +119,22 @@ class HFCheckpoint:
         self.fill(model)
         return model
 
-    def load_shell(self, cfg: ModelConfig, dtype: Any = None) -> Transformer:
+    def load_shell(self, cfg: ModelConfig, dtype: Any = None, mesh: Mesh | None = None) -> Transformer:
         """A model of configuration ``cfg`` (same family, any per-layer widths) whose embeddings, final norm
-        and head come from the checkpoint and whose blocks are still abstract (shapes only, no memory)."""
+        and head come from the checkpoint (placed on ``mesh`` if given) and whose blocks are still abstract
+        (shapes only, no memory)."""
         dtype = self.dtype if dtype is None else parse_dtype(dtype)
         model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-        self.fill(model, skip_layers=True)
+        self.fill(model, skip_layers=True, mesh=mesh)
         return model
 
-    def load_block(self, layer: int, dtype: Any = None) -> Block:
-        """Decoder block ``layer`` alone, for streaming one layer at a time."""
+    def load_block(self, layer: int, dtype: Any = None, mesh: Mesh | None = None) -> Block:
+        """Decoder block ``layer`` alone, for streaming one layer at a time; with ``mesh``, every weight goes
+        straight into its shards (:mod:`modegpt_jax.sharding`)."""
         dtype = self.dtype if dtype is None else parse_dtype(dtype)
         cfg = self.config
         block = nnx.eval_shape(lambda: Block(cfg, cfg.layers[layer], dtype=dtype, rngs=nnx.Rngs(0)))
-        self.fill(block, ("layers", layer))
+        self.fill(block, ("layers", layer), mesh=mesh)
         return block
 
     def load_tokenizer(self):

@@ -22,15 +22,31 @@ import numpy as np
 DEVICE_SHARE = 0.3
 
 
+def local_blocks(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> list[tuple[jax.Device, tuple, bool]]:
+    """This process's devices in id order, each with the block of the array it holds (``(start, stop)`` per
+    dimension) and whether it is the first of them to hold that block. Hidden states are replicated over
+    ``"model"``: only the first holder's copy needs to be kept or written, the others are copies of it."""
+    out, seen = [], set()
+    for device, index in sorted(sharding.addressable_devices_indices_map(tuple(shape)).items(),
+                                key=lambda item: item[0].id):
+        key = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
+        out.append((device, key, key not in seen))
+        seen.add(key)
+    return out
+
+
 class _Parked:
-    """A device array's shards in host memory, enough to rebuild it with the same sharding."""
+    """A device array in host memory (one copy of each distinct block), enough to rebuild it with the same
+    sharding."""
 
     def __init__(self, x: jax.Array):
         self.shape, self.dtype, self.sharding = x.shape, x.dtype, x.sharding
-        self.shards = [(s.device, np.asarray(s.data)) for s in x.addressable_shards]
+        shards = {s.device: s for s in x.addressable_shards}
+        self.layout = local_blocks(x.sharding, x.shape)
+        self.blocks = {key: np.asarray(shards[device].data) for device, key, first in self.layout if first}
 
     def restore(self) -> jax.Array:
-        arrays = [jax.device_put(data, device) for device, data in self.shards]
+        arrays = [jax.device_put(self.blocks[key], device) for device, key, _ in self.layout]
         return jax.make_array_from_single_device_arrays(self.shape, self.sharding, arrays)
 
 

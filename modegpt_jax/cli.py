@@ -114,7 +114,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
              if v is not None}
     settings = CompressionSettings(
         ratio=args.ratio, allocation=args.allocation, width_multiple=args.width_multiple,
-        batch_size=args.batch_size, activation_dtype=args.activation_dtype,
+        batch_size=args.batch_size, activation_dtype=args.activation_dtype, matmul_precision=args.matmul_precision,
         activations_on_host={"auto": None, "on": True, "off": False}[args.activations_on_host], **tuned,
     )
     settings.validate()
@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--activation-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="dtype of the calibration hidden states kept between passes; statistics always "
                          "accumulate in float32 (default: float32)")
+    co.add_argument("--matmul-precision", default="highest", choices=["highest", "default"],
+                    help="precision of the matmuls in the calibration passes that feed the statistics: highest "
+                         "(float32 throughout) or the backend's default (one bfloat16 pass on TPUs, TF32 on recent "
+                         "GPUs: faster, less exact); statistics always sum in float32 (default: highest)")
     co.add_argument("--activations-on-host", default="auto", choices=["auto", "on", "off"],
                     help="keep the calibration hidden states in host memory and stream them through the devices "
                          "batch by batch; auto: only when they would take over 30%% of an accelerator's memory")

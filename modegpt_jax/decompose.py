@@ -27,15 +27,12 @@ float32 (``1e-4``) than in float64 (``1e-8``), so that Cholesky factorisations o
 
 Placement
 ---------
-Every factorisation runs on one device, this process's first (:func:`compute_device`), whatever the sharding of
-its inputs: a sharded or replicated input is copied there first (gathered from the other processes when this
-process does not hold all of it). Besides being small next to the calibration passes, this avoids a deadlock in
-jaxlib's CPU kernels: a batched LAPACK call (the per-group SVD, Cholesky and triangular solves) splits its batch
-over XLA:CPU's intra-op thread pool and waits for the pieces from inside that pool, so when several CPU devices run
-one at the same time (inputs replicated over a mesh), every pool thread can end up waiting and none is left to do
-the work; with two simulated devices on a two-core machine the first value-output SVD hung for good. Results are
-host-side NumPy copies turned back into arrays on the default device; in a multi-process run every process
-computes the same result from the same inputs on the same kind of device.
+Every factorisation runs on one device, this process's first (:func:`modegpt_jax.mesh.compute_device`), whatever
+the sharding of its inputs: a sharded or replicated input is copied there first (gathered from the other processes
+when this process does not hold all of it). The factorisations are small next to the calibration passes, and
+running them on a mesh can deadlock on CPU (see :func:`modegpt_jax.mesh.to_compute_device`). Results are host-side
+NumPy copies turned back into arrays on the default device; in a multi-process run every process computes the same
+result from the same inputs on the same kind of device (the pipeline checks this, layer by layer).
 """
 
 from __future__ import annotations
@@ -50,13 +47,14 @@ import jax.scipy.linalg as jsl
 import numpy as np
 from jax import lax
 
+from modegpt_jax.mesh import to_compute_device as _placed, to_host
+
 __all__ = [
     "DEFAULT_LEVERAGE_ALPHA",
     "RIDGE_FLOAT32",
     "RIDGE_FLOAT64",
     "apply_qk_selection",
     "compute_context",
-    "compute_device",
     "cr_qk_select",
     "fold_value_bias",
     "nystrom_mlp",
@@ -105,25 +103,6 @@ def compute_context(precision64: bool | None = None) -> Iterator[Any]:
             stack.enter_context(jax.enable_x64(True))
         stack.enter_context(jax.default_matmul_precision("highest"))
         yield jnp.float64 if use64 else jnp.float32
-
-
-def compute_device() -> jax.Device:
-    """The device the factorisations run on: this process's first device (see "Placement" above)."""
-    return jax.local_devices()[0]
-
-
-def _placed(x: Any, dtype: Any) -> jax.Array:
-    """``x`` (an array of any sharding, or anything NumPy takes) as a ``dtype`` array on :func:`compute_device`."""
-    if isinstance(x, jax.Array):
-        if not x.is_fully_addressable:  # a multi-process array: every process gathers the whole value
-            from jax.experimental import multihost_utils
-
-            x = multihost_utils.process_allgather(x, tiled=True)
-        elif len(x.sharding.device_set) == 1 and compute_device() in x.sharding.device_set:
-            return x.astype(dtype)
-        else:
-            return jax.device_put(x, compute_device()).astype(dtype)
-    return jax.device_put(np.asarray(x).astype(dtype), compute_device())
 
 
 def _ridge(value: float | None, dtype: Any) -> float:
@@ -351,7 +330,7 @@ def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, 
         kept = np.asarray(kept)[:width].astype(np.int32)
 
         def take(w, axis):  # exact column selection, in the weight's own dtype
-            return None if w is None else jnp.asarray(np.take(np.asarray(w).astype(_out_dtype(w)), kept, axis=axis))
+            return None if w is None else jnp.asarray(np.take(to_host(w).astype(_out_dtype(w)), kept, axis=axis))
 
         return {"w_up": take(w_up, 1), "w_gate": take(w_gate, 1),
                 "w_down": jnp.asarray(np.asarray(w_d)[:width].astype(_out_dtype(w_down))),
@@ -457,14 +436,14 @@ def apply_qk_selection(w_q: jax.Array, w_k: jax.Array, channels: jax.Array, n_he
 
     # Gathered on the host: the result's size changes from layer to layer (an eager JAX gather compiles per size).
     def gather(w, idx, heads):  # w [d, heads*dh] -> [d, heads*k]
-        w = np.asarray(w)
+        w = to_host(w)
         d = w.shape[0]
         return jnp.asarray(np.take_along_axis(w.reshape(d, heads, dh), idx[None], axis=2).reshape(d, heads * k))
 
     def gather_b(b, idx, heads):
         if b is None:
             return None
-        return jnp.asarray(np.take_along_axis(np.asarray(b).reshape(heads, dh), idx, axis=1).reshape(heads * k))
+        return jnp.asarray(np.take_along_axis(to_host(b).reshape(heads, dh), idx, axis=1).reshape(heads * k))
 
     return {"w_q": gather(w_q, idx_q, H), "w_k": gather(w_k, channels, G),
             "b_q": gather_b(b_q, idx_q, H), "b_k": gather_b(b_k, channels, G)}

@@ -32,11 +32,14 @@ __all__ = [
     "DATA",
     "MODEL",
     "batch_sharding",
+    "compute_device",
     "make_mesh",
     "parse_mesh_spec",
     "replicate",
     "replicated",
     "shard_batch",
+    "to_compute_device",
+    "to_host",
 ]
 
 
@@ -164,3 +167,49 @@ def replicate(value, mesh: Mesh) -> jax.Array:
     value = np.asarray(value)
     # make_array_from_callback works for non-addressable devices too; each process fills only its own devices.
     return jax.make_array_from_callback(value.shape, replicated(mesh), lambda index: value[index])
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of ``x``, also when ``x`` is a global array spread over several processes.
+
+    When this process's devices hold every part of ``x`` (replicated, or sharded over a ``"model"`` group that
+    lies within the process), the copy is assembled from them locally. Otherwise it is gathered from the other
+    processes, a collective: every process must then call this for the same array.
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    # Shards of a NamedSharding are disjoint blocks (or replicas of one): distinct blocks summing to x.size cover x.
+    blocks = {}
+    for shard in x.addressable_shards:
+        key = tuple(sl.indices(n)[:2] for sl, n in zip(shard.index, x.shape))
+        blocks.setdefault(key, shard)
+    if sum(int(np.prod([b - a for a, b in key])) for key in blocks) == x.size:
+        out = np.empty(x.shape, x.dtype)
+        for shard in blocks.values():
+            out[shard.index] = np.asarray(shard.data)
+        return out
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def compute_device() -> jax.Device:
+    """The device small dense linear algebra (factorisations, error metrics) runs on: this process's first."""
+    return jax.local_devices()[0]
+
+
+def to_compute_device(x, dtype=None) -> jax.Array:
+    """``x`` (an array of any sharding, or anything NumPy takes) on :func:`compute_device`, cast to ``dtype``.
+
+    Anything that calls LAPACK (SVD, Cholesky, triangular solves, pseudo-inverses) takes its inputs through this
+    rather than running on the mesh. On CPU, jaxlib's LAPACK kernels split a batch over XLA's intra-op thread pool
+    and wait for the pieces from inside that pool; when several CPU devices run such a kernel at once (inputs
+    replicated or sharded over a mesh), every pool thread can end up waiting and none is left to do the work. With
+    two simulated devices on a two-core machine the first value-output SVD of SmolLM2 hung for good.
+    """
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+        if x.sharding.device_set != {compute_device()}:
+            x = jax.device_put(x, compute_device())
+        return x if dtype is None else x.astype(dtype)
+    host = to_host(x)  # multi-process arrays via the host
+    return jax.device_put(host if dtype is None else host.astype(dtype), compute_device())

@@ -34,11 +34,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from modegpt_jax import allocation as alloc
-from modegpt_jax import decompose, reconstruction, staging, stats
+from modegpt_jax import decompose, reconstruction, sharding, staging, stats
 from modegpt_jax.config import LayerSpec, ModelConfig
 from modegpt_jax.errors import UserError
 from modegpt_jax.activations import HiddenStates, should_park
-from modegpt_jax.mesh import batch_sharding, make_mesh, shard_batch
+from modegpt_jax.mesh import MODEL, batch_sharding, make_mesh, shard_batch, to_compute_device, to_host
 from modegpt_jax.model import MLP, Attention, Block, Transformer, count_params
 from modegpt_jax.resume import ResumeState, fingerprint
 from modegpt_jax.rope import kept_pair_frequencies
@@ -71,6 +71,9 @@ class CompressionSettings:
     activation_dtype: str = "float32"
     # Hidden states parked in host memory between uses; None: only when they would crowd an accelerator.
     activations_on_host: bool | None = None
+    # Matmuls of the calibration passes: "highest" (float32) or the backend's "default" (a single bfloat16 pass on
+    # TPU, TF32 on recent GPUs). The statistics themselves always multiply at HIGHEST and sum in float32.
+    matmul_precision: str = "highest"
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -83,6 +86,8 @@ class CompressionSettings:
             raise UserError(f"--attention-scale must be >= 0, got {self.attention_scale}")
         if self.activation_dtype not in ("float32", "bfloat16"):
             raise UserError(f"--activation-dtype must be float32 or bfloat16, got {self.activation_dtype!r}")
+        if self.matmul_precision not in ("highest", "default"):
+            raise UserError(f"--matmul-precision must be highest or default, got {self.matmul_precision!r}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
 
@@ -92,9 +97,11 @@ class LayerSource(Protocol):
 
     config: ModelConfig
 
-    def load_block(self, layer: int) -> Block: ...
+    def load_block(self, layer: int, mesh: jax.sharding.Mesh | None = None) -> Block:
+        """Block ``layer``, its weights placed on ``mesh`` as :mod:`modegpt_jax.sharding` says."""
 
-    def load_shell(self, cfg: ModelConfig) -> Transformer: ...
+    def load_shell(self, cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> Transformer:
+        """A model of ``cfg`` with the dense embeddings, final norm and head (on ``mesh``) and abstract blocks."""
 
 
 class InMemorySource:
@@ -104,13 +111,14 @@ class InMemorySource:
         self.model = model
         self.config = model.config
 
-    def load_block(self, layer: int) -> Block:
-        return self.model.layers[layer]
+    def load_block(self, layer: int, mesh: jax.sharding.Mesh | None = None) -> Block:
+        block = self.model.layers[layer]
+        return block if mesh is None else sharding.place(nnx.clone(block), mesh)  # the caller's model unchanged
 
-    def load_shell(self, cfg: ModelConfig) -> Transformer:
+    def load_shell(self, cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> Transformer:
         shell = nnx.eval_shape(lambda: Transformer(cfg, dtype=self.model.dtype, rngs=nnx.Rngs(0)))
         copy_top_level(self.model, shell)
-        return shell
+        return shell if mesh is None else sharding.place(shell, mesh)
 
 
 def copy_top_level(src: Transformer, dst: Transformer) -> None:
@@ -123,14 +131,25 @@ def copy_top_level(src: Transformer, dst: Transformer) -> None:
 
 # -- jitted passes over one calibration batch ------------------------------------------------------------------
 # Modules enter as (graphdef, state): the graphdef is static, so blocks of equal shapes share one compilation.
-# The hidden states are donated: each pass's output takes the place of its input.
+# The hidden states are donated: each pass's output takes the place of its input. On a mesh the weights arrive
+# sharded (modegpt_jax.sharding), hidden states leave every pass split over "data" only, and Gram matrices are
+# summed with their rows split over "model" when it has several devices (no device holds a whole one).
+def _hidden(h, mesh):
+    return jax.lax.with_sharding_constraint(h, batch_sharding(mesh, h.ndim))
+
+
+def _gram(x, mesh):
+    model = mesh.shape[MODEL]
+    return stats.gram(x, mesh=mesh, shard_model=model > 1 and x.shape[-1] % model == 0)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
 def _attention_statistics(graphdef, state, h, *, mesh):
     """``C`` of the attention input and the pre-RoPE query/key channel energies of one batch."""
     block = nnx.merge(graphdef, state)
     x = block.attn_norm(h)
     q, k = block.attn.project_qk(x)
-    return {"C": stats.gram(x, mesh=mesh), "E_q": stats.channel_energy(q, mesh=mesh),
+    return {"C": _gram(x, mesh), "E_q": stats.channel_energy(q, mesh=mesh),
             "E_k": stats.channel_energy(k, mesh=mesh)}
 
 
@@ -139,37 +158,38 @@ def _attention_pass(block_def, block_state, attn_def, attn_state, h, positions, 
     """The compressed attention's residual ``h_mid`` (in the hidden states' dtype) and ``C_s`` of the dense MLP
     intermediate on it; the intermediate itself never leaves the step."""
     dense, attn = nnx.merge(block_def, block_state), nnx.merge(attn_def, attn_state)
-    h_mid = (h + attn(dense.attn_norm(h), positions, None)).astype(h.dtype)
-    return h_mid, stats.gram(dense.mlp.intermediate(dense.mlp_norm(h_mid)), mesh=mesh)
+    h_mid = _hidden((h + attn(dense.attn_norm(h), positions, None)).astype(h.dtype), mesh)
+    return h_mid, _gram(dense.mlp.intermediate(dense.mlp_norm(h_mid)), mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("norm_def", "mlp_def"), donate_argnames=("h_mid",))
-def _mlp_pass(norm_def, norm_state, mlp_def, mlp_state, h_mid):
+@functools.partial(jax.jit, static_argnames=("norm_def", "mlp_def", "mesh"), donate_argnames=("h_mid",))
+def _mlp_pass(norm_def, norm_state, mlp_def, mlp_state, h_mid, *, mesh):
     """``h_mid + MLP'(norm(h_mid))`` with the compressed MLP: the block's output, recomputed from ``h_mid`` so
     no batch's intermediate has to be kept while the MLP statistics are gathered."""
     norm, mlp = nnx.merge(norm_def, norm_state), nnx.merge(mlp_def, mlp_state)
-    return (h_mid + mlp(norm(h_mid))).astype(h_mid.dtype)
+    return _hidden((h_mid + mlp(norm(h_mid))).astype(h_mid.dtype), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("h",))
 def _influence_pass(graphdef, state, h, positions, *, mesh):
     """The dense block's output and ``sum cos(h_in, h_out)`` of one batch (block influence)."""
-    h_out = nnx.merge(graphdef, state)(h, positions).astype(h.dtype)
+    h_out = _hidden(nnx.merge(graphdef, state)(h, positions).astype(h.dtype), mesh)
     return h_out, stats.cosine_sum(h, h_out, mesh=mesh)
 
 
-@jax.jit
-def _embed_arrays(table, position_table, tokens, positions, offset):
+@functools.partial(jax.jit, static_argnames=("mesh", "dtype"))
+def _embed_arrays(table, position_table, tokens, positions, offset, *, mesh, dtype):
     h = jnp.take(table, tokens, axis=0)
     if position_table is not None:
         h = h + jnp.take(position_table, positions + offset, axis=0)
-    return h
+    return _hidden(h.astype(dtype), mesh)
 
 
-def _embed(shell: Transformer, tokens, positions):
+def _embed(shell: Transformer, tokens, positions, mesh, dtype):
     """Token (and learned position) embeddings; the shell's abstract blocks never enter the jit."""
     pos_table = None if shell.embed_positions is None else shell.embed_positions[...]
-    return _embed_arrays(shell.embed_tokens[...], pos_table, tokens, positions, shell.config.position_offset)
+    return _embed_arrays(shell.embed_tokens[...], pos_table, tokens, positions, shell.config.position_offset,
+                         mesh=mesh, dtype=jnp.dtype(dtype))
 
 
 # -- widths ----------------------------------------------------------------------------------------------------
@@ -280,7 +300,7 @@ def compress_mlp(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C_s: np.nd
     if new.gate_proj is not None:
         new.gate_proj.kernel.set_value(res["w_gate"])
         if new.gate_proj.bias is not None:  # Llama mlp_bias: the gate bias follows the kept channels
-            new.gate_proj.bias.set_value(jnp.asarray(np.asarray(mlp.gate_proj.bias[...])[np.asarray(res["kept"])]))
+            new.gate_proj.bias.set_value(jnp.asarray(to_host(mlp.gate_proj.bias[...])[np.asarray(res["kept"])]))
     if new.up_proj.bias is not None:
         new.up_proj.bias.set_value(res["b_up"])
         new.down_proj.bias.set_value(mlp.down_proj.bias[...])
@@ -289,7 +309,7 @@ def compress_mlp(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C_s: np.nd
 
 # -- width buckets: one compilation serves every layer whose widths fall in the same bucket ---------------------
 def _zero_pad(x, axis: int, size: int) -> np.ndarray:
-    x = np.asarray(x)
+    x = to_host(x)
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
     return np.pad(x, widths)
@@ -316,7 +336,7 @@ def bucketed_attention(attn: Attention, cfg: ModelConfig, spec: LayerSpec) -> At
 
     def heads(x, n, width, new_width, halves=1):
         """[..., n*width] -> [..., n*new_width], each head padded (each RoPE half separately)."""
-        x = np.asarray(x)
+        x = to_host(x)
         lead = x.shape[:-1]
         x = x.reshape(*lead, n, halves, width // halves)
         return _zero_pad(x, -1, new_width // halves).reshape(*lead, n * new_width)
@@ -330,7 +350,7 @@ def bucketed_attention(attn: Attention, cfg: ModelConfig, spec: LayerSpec) -> At
     new.v_proj.kernel.set_value(_param(heads(attn.v_proj.kernel[...], G, spec.vo_dim, vo)))
     if attn.v_proj.bias is not None:
         new.v_proj.bias.set_value(_param(heads(attn.v_proj.bias[...], G, spec.vo_dim, vo)))
-    o = np.asarray(attn.o_proj.kernel[...]).reshape(H, spec.vo_dim, -1)
+    o = to_host(attn.o_proj.kernel[...]).reshape(H, spec.vo_dim, -1)
     new.o_proj.kernel.set_value(_param(_zero_pad(o, 1, vo).reshape(H * vo, -1)))
     if attn.o_proj.bias is not None:
         new.o_proj.bias.set_value(attn.o_proj.bias[...])
@@ -435,7 +455,7 @@ class _Calibration:
         return len(self.tokens)
 
     def embed(self, j: int) -> jax.Array:
-        return _embed(self.shell, self.tokens[j], self.positions[j]).astype(self.dtype)
+        return _embed(self.shell, self.tokens[j], self.positions[j], self.mesh, self.dtype)
 
     def bytes_per_device(self) -> int:
         rows = sum(t.shape[0] for t in self.tokens) // self.mesh.shape["data"]
@@ -449,7 +469,7 @@ def block_influence(source: LayerSource, calib: _Calibration, settings: Compress
     hs = [calib.embed(j) for j in range(n_bi)]
     sums, counts = [], []
     for i in tqdm(range(source.config.num_layers), desc="block influence", unit="layer", disable=not progress):
-        graphdef, state = nnx.split(source.load_block(i))
+        graphdef, state = nnx.split(source.load_block(i, mesh=mesh))
         acc = stats.Accumulator()
         for j in range(n_bi):
             hs[j], cos = _influence_pass(graphdef, state, hs[j], calib.positions[j], mesh=mesh)
@@ -504,8 +524,10 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
     The report holds target and achieved ratios, parameter counts, per-layer block influence, sparsity, widths,
     reconstruction errors and seconds, the time of each phase, compile time and peak memory.
     """
-    result = _run(source, tokens, settings, mesh=mesh, progress=progress, layer_specs=layer_specs,
-                  staging_dir=resume_dir, on_layer=on_layer)
+    settings.validate()
+    with jax.default_matmul_precision(settings.matmul_precision):
+        result = _run(source, tokens, settings, mesh=mesh, progress=progress, layer_specs=layer_specs,
+                      staging_dir=resume_dir, on_layer=on_layer)
     return result.load_model(), result.report
 
 
@@ -517,8 +539,10 @@ def compress_streamed(source: LayerSource | Transformer, tokens: np.ndarray, set
     memory, so what is resident does not grow with depth. The run resumes from ``staging_dir`` when it holds an
     unfinished run of the same configuration. Write the result with
     :func:`converters.hf_export.save_staged_model`, or ``result.load_model()`` when it fits in memory."""
-    return _run(source, tokens, settings, mesh=mesh, progress=progress, layer_specs=layer_specs,
-                staging_dir=staging_dir, on_layer=on_layer)
+    settings.validate()
+    with jax.default_matmul_precision(settings.matmul_precision):
+        return _run(source, tokens, settings, mesh=mesh, progress=progress, layer_specs=layer_specs,
+                    staging_dir=staging_dir, on_layer=on_layer)
 
 
 def _plan(source, dense, out_cfg, calib, settings, layer_specs, resume, mesh, progress, timings):
@@ -565,10 +589,10 @@ def _compress_layer(block: Block, hs: HiddenStates, calib: _Calibration, out_cfg
         acc.add("s", _attention_statistics(graphdef, state, hs.get(j), mesh=mesh))
     s = acc.finalize(where=where)["s"]
     attn, spec, errors = compress_attention(block, out_cfg, spec, s["C"], s["E_q"], s["E_k"], settings)
-    padded_attn = bucketed_attention(attn, out_cfg, spec)
-    errors["vo"] = float(reconstruction.vo_relative_error(
+    padded_attn = sharding.place(bucketed_attention(attn, out_cfg, spec), mesh)
+    errors["vo"] = float(reconstruction.vo_relative_error(*map(to_compute_device, (
         s["C"], block.attn.v_proj.kernel[...], block.attn.o_proj.kernel[...], padded_attn.v_proj.kernel[...],
-        padded_attn.o_proj.kernel[...], out_cfg.num_heads))
+        padded_attn.o_proj.kernel[...])), out_cfg.num_heads))
     del s
 
     attn_def, attn_state = nnx.split(padded_attn)
@@ -580,20 +604,35 @@ def _compress_layer(block: Block, hs: HiddenStates, calib: _Calibration, out_cfg
     del attn_state, padded_attn
     C_s = acc.finalize(where=where)["C_s"]
     mlp, kept = compress_mlp(block, out_cfg, spec, C_s, settings)
-    padded_mlp = bucketed_mlp(mlp, out_cfg, spec)
+    padded_mlp = sharding.place(bucketed_mlp(mlp, out_cfg, spec), mesh)
     slots = padded_mlp.down_proj.kernel.shape[0]
-    errors["mlp"] = float(reconstruction.mlp_relative_error(  # padded rows are zero: they add nothing
-        C_s, block.mlp.down_proj.kernel[...], _param(_zero_pad(kept, 0, slots)), padded_mlp.down_proj.kernel[...]))
+    errors["mlp"] = float(reconstruction.mlp_relative_error(*map(to_compute_device, (  # zero rows add nothing
+        C_s, block.mlp.down_proj.kernel[...], _zero_pad(kept, 0, slots), padded_mlp.down_proj.kernel[...]))))
     del C_s
 
     norm_def, norm_state = nnx.split(block.mlp_norm)
     mlp_def, mlp_state = nnx.split(padded_mlp)
     for j in range(len(hs)):
-        hs.set(j, _mlp_pass(norm_def, norm_state, mlp_def, mlp_state, hs.get(j)))
+        hs.set(j, _mlp_pass(norm_def, norm_state, mlp_def, mlp_state, hs.get(j), mesh=mesh))
 
     new = nnx.eval_shape(lambda: Block(out_cfg, spec, dtype=block.attn_norm.weight.dtype, rngs=nnx.Rngs(0)))
     new.attn_norm, new.mlp_norm, new.attn, new.mlp = block.attn_norm, block.mlp_norm, attn, mlp
     return new, spec, errors
+
+
+def _check_same_on_every_process(digest: str, layer: int) -> None:
+    """Every process computed compressed block ``layer`` itself (the factorisations run on each process's own
+    device from the same statistics); refuse to go on if the results differ anywhere."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+    differ = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
+    if differ:
+        raise RuntimeError(f"layer {layer}: processes {differ} computed different compressed weights than process 0 "
+                           "(checksums differ); the hosts must run the same software on the same kind of device")
 
 
 def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: CompressionSettings, *, mesh, progress,
@@ -620,7 +659,7 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
 
     # The compressed model's configuration: folding a value bias needs an output bias (Qwen2 has none).
     out_cfg = dataclasses.replace(dense, o_bias=dense.o_bias or dense.qkv_bias)
-    shell = source.load_shell(dense)
+    shell = source.load_shell(dense, mesh=mesh)
     calib = _Calibration(shell, tokens, settings, mesh)
     on_host = settings.activations_on_host
     if on_host is None:
@@ -655,14 +694,17 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
     try:
         for i in bar:
             lt = time.perf_counter()
-            new, spec, errors = _compress_layer(source.load_block(i), hs, calib, out_cfg, specs[i], settings, mesh,
-                                                where=f"layer {i}")
+            new, spec, errors = _compress_layer(source.load_block(i, mesh=mesh), hs, calib, out_cfg, specs[i],
+                                                settings, mesh, where=f"layer {i}")
             final_specs.append(spec)
+            arrays = staging.block_arrays(new)
+            digest = staging.checksum(arrays)
+            _check_same_on_every_process(digest, i)
             if blocks is not None:
                 blocks[i] = new
             else:
-                staging.write_block(staging_dir, i, new)
-            del new
+                staging.write_block(staging_dir, i, arrays)
+            del new, arrays
             entry = {
                 "layer": i,
                 "block_influence": None if bi is None else float(bi[i]),
@@ -673,6 +715,7 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
                 "params_before": dict(zip(("attention", "mlp"), module_param_counts(dense, dense.layers[i]))),
                 "params_after": dict(zip(("attention", "mlp"), module_param_counts(out_cfg, spec))),
                 "errors": errors,
+                "checksum": digest,
                 "seconds": round(time.perf_counter() - lt, 3),
             }
             if resume is not None:

@@ -6,7 +6,8 @@ Layout of a resume directory (it is also the run's staging directory, see :mod:`
                                  atomically)
     block_00007.safetensors      compressed block 7 (written when it is finished; the output is assembled from these)
     hidden_007/process_00000.bin the calibration hidden states after block 7, as this process's device shards, raw,
-                                 batch after batch (every process writes its own file): only the latest layer's
+                                 batch after batch, one copy of each block (they are replicated over "model"; every
+                                 process writes its own file): only the latest layer's
                                  are kept, the previous ones are deleted once the new ones are recorded
 
 The hidden states are written raw rather than as orbax checkpoints: they are rewritten after every layer, so
@@ -34,7 +35,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from modegpt_jax.activations import HiddenStates
+from modegpt_jax.activations import HiddenStates, local_blocks
 from modegpt_jax.errors import UserError
 
 STATE = "state.json"
@@ -97,9 +98,12 @@ class ResumeState:
         is also stored as ``record["report"]["resume_seconds"]``."""
         start = time.perf_counter()
         self.wait()
-        batches = [[np.array(shard.data, copy=True) for shard in sorted(hidden.get(j).addressable_shards,
-                                                                           key=lambda s: s.device.id)]
-                   for j in range(len(hidden))]
+        batches = []
+        for j in range(len(hidden)):
+            x = hidden.get(j)
+            shards = {s.device: s for s in x.addressable_shards}
+            batches.append([np.array(shards[device].data, copy=True)
+                            for device, _, first in local_blocks(x.sharding, x.shape) if first])
         held = round(time.perf_counter() - start, 3)
         record["report"]["resume_seconds"] = held
         record = copy.deepcopy(record)
@@ -140,9 +144,11 @@ class ResumeState:
                 dtype = np.dtype(a.dtype)
                 shard_shape = a.sharding.shard_shape(a.shape)
                 nbytes = int(np.prod(shard_shape)) * dtype.itemsize
-                devices = sorted(a.sharding.addressable_devices, key=lambda d: d.id)
-                arrays = [jax.device_put(np.frombuffer(f.read(nbytes), dtype).reshape(shard_shape), d)
-                          for d in devices]
+                blocks, arrays = {}, []
+                for device, key, first in local_blocks(a.sharding, a.shape):  # the order they were written in
+                    if first:
+                        blocks[key] = np.frombuffer(f.read(nbytes), dtype).reshape(shard_shape)
+                    arrays.append(jax.device_put(blocks[key], device))
                 yield jax.make_array_from_single_device_arrays(a.shape, a.sharding, arrays)
 
     def remove(self) -> None:

@@ -14,6 +14,7 @@ half-written block under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,22 @@ def block_arrays(block: Block) -> dict[str, np.ndarray]:
             for path, var in nnx.to_flat_state(nnx.state(block))}
 
 
-def write_block(directory: str | Path, layer: int, block: Block) -> Path:
-    """Write compressed block ``layer`` (every process must call this: reading a sharded array is a collective;
-    only process 0 writes)."""
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """A digest of a block's arrays (names, dtypes, shapes and bytes): equal digests mean identical weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(arrays):
+        a = arrays[key]
+        h.update(f"{key}:{a.dtype.str}:{a.shape};".encode())
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return h.hexdigest()
+
+
+def write_block(directory: str | Path, layer: int, block: Block | dict[str, np.ndarray]) -> Path:
+    """Write compressed block ``layer`` (a block, or its :func:`block_arrays`). Every process must call this:
+    reading a sharded array is a collective; only process 0 writes."""
     from safetensors.numpy import save_file
 
-    arrays = block_arrays(block)
+    arrays = block if isinstance(block, dict) else block_arrays(block)
     path = block_file(directory, layer)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

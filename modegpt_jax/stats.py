@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from modegpt_jax.errors import UserError
-from modegpt_jax.mesh import DATA, MODEL
+from modegpt_jax.mesh import DATA, MODEL, to_host
 
 __all__ = [
     "Accumulator",
@@ -291,21 +291,6 @@ _add = jax.jit(lambda total, batch: jax.tree.map(jnp.add, total, batch))
 @jax.jit
 def _non_finite_counts(tree):
     return jax.tree.map(lambda leaf: jnp.sum(~jnp.isfinite(leaf), dtype=jnp.int32), tree)
-
-
-def to_host(x) -> np.ndarray:
-    """A NumPy copy of ``x``, also when ``x`` is a global array spread over several processes.
-
-    Every process must call it for a sharded (not replicated) multi-process array: that case is a collective.
-    """
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-        return np.asarray(x)
-    if x.sharding.is_fully_replicated:
-        # np.asarray refuses arrays with devices on other processes, though this process holds a full copy.
-        return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class Accumulator:

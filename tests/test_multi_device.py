@@ -73,16 +73,24 @@ def _compress(out: Path, mesh: str, devices: int) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def smollm2_one_device(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "one"
+    return out, _compress(out, "data=1", devices=1)
+
+
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_smollm2_on_two_devices_matches_one_device(smollm2, tmp_path):
-    """`modegpt compress` of the real SmolLM2 on two devices finishes and compresses as one device does (logits
-    agree to float32 summation order over 30 layers: statistics are summed per device, then across devices)."""
+@pytest.mark.parametrize("mesh", ["data=2", "model=2"])
+def test_smollm2_on_two_devices_matches_one_device(smollm2_one_device, mesh, tmp_path):
+    """`modegpt compress` of the real SmolLM2 on two devices, data parallel or tensor parallel, finishes and
+    compresses as one device does (logits agree to float32 summation order over 30 layers)."""
     from converters.hf_import import HFCheckpoint
 
-    one = _compress(tmp_path / "one", "data=1", devices=1)
-    two = _compress(tmp_path / "two", "data=2", devices=2)
-    assert two["devices"]["mesh"] == {"data": 2, "model": 1}
+    one_dir, one = smollm2_one_device
+    two = _compress(tmp_path / "two", mesh, devices=2)
+    axis, size = mesh.split("=")
+    assert two["devices"]["mesh"] == {"data": 1, "model": 1, axis: int(size)}
     assert [x["mlp_width"] for x in two["layers"]] == [x["mlp_width"] for x in one["layers"]]
     assert [x["qk_dim"] for x in two["layers"]] == [x["qk_dim"] for x in one["layers"]]
     for a, b in zip(two["layers"], one["layers"]):
@@ -90,4 +98,154 @@ def test_smollm2_on_two_devices_matches_one_device(smollm2, tmp_path):
             assert a["errors"][key] == pytest.approx(b["errors"][key], rel=1e-3, abs=1e-6)
     tokens = np.random.default_rng(0).integers(0, 49152, (2, 32))
     np.testing.assert_allclose(np.asarray(HFCheckpoint(tmp_path / "two").load_model()(tokens)),
-                               np.asarray(HFCheckpoint(tmp_path / "one").load_model()(tokens)), atol=1e-2, rtol=1e-3)
+                               np.asarray(HFCheckpoint(one_dir).load_model()(tokens)), atol=1e-2, rtol=1e-3)
+
+
+# -- tensor parallelism on a tiny Llama whose every width divides by 4 -------------------------------------------
+MESH = "data=2,model=4"
+SPLIT = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "gate_proj": 1, "up_proj": 1, "o_proj": 0, "down_proj": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tp") / "tiny"
+    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(out)
+    return out
+
+
+def _worker(out: Path, checkpoint: Path, mesh: str, devices: int) -> Path:
+    proc = subprocess.run([sys.executable, "-m", "tests.mesh_worker", str(out), str(checkpoint), mesh], cwd=REPO,
+                          env=_env(devices), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tiny_checkpoint, tmp_path_factory):
+    return _worker(tmp_path_factory.mktemp("tp") / "one", tiny_checkpoint, "data=1", 1)
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_run(tiny_checkpoint, tmp_path_factory):
+    return _worker(tmp_path_factory.mktemp("tp") / "eight", tiny_checkpoint, MESH, 8)
+
+
+def _layout(run: Path, process: int = 0) -> list[dict]:
+    return json.loads((run / f"process_{process}.json").read_text())["layout"]
+
+
+def _dense_block_weights(layout):
+    """(pass, name, description) of every dense block weight a pass received (argument 1 is the dense block)."""
+    for entry in layout:
+        if entry["pass"] == "_mlp_pass":
+            continue  # its modules are the compressed ones
+        for key, desc in entry["weights"].items():
+            arg, name = key.split(":", 1)
+            if arg == "1":
+                yield entry["pass"], name, desc
+
+
+def test_no_block_weight_is_whole_on_every_device(tensor_parallel_run):
+    """With model > 1 every projection of a dense block reaches the passes split over "model": 1/4 of its split
+    dimension on each device, never a full copy; norms and RoPE tables are whole."""
+    seen = 0
+    for name_pass, name, desc in _dense_block_weights(_layout(tensor_parallel_run)):
+        owner = name.split(".")[-2] if "." in name else ""
+        if owner in SPLIT and name.endswith("kernel"):
+            axis = SPLIT[owner]
+            assert not desc["replicated"], (name_pass, name, desc)
+            assert desc["shard_shape"][axis] * 4 == desc["shape"][axis], (name_pass, name, desc)
+            assert desc["shard_shape"][1 - axis] == desc["shape"][1 - axis], (name_pass, name, desc)
+            seen += 1
+        else:
+            assert desc["replicated"], (name_pass, name, desc)
+    assert seen >= 3 * 7 * 3  # three passes over three layers, seven projections each
+
+
+def test_statistics_are_split_over_model_and_hidden_states_over_data(tensor_parallel_run):
+    layout = _layout(tensor_parallel_run)
+    grams = [(e["outputs"]["['C']"] if e["pass"] == "_attention_statistics" else e["outputs"]["[1]"])
+             for e in layout if e["pass"] in ("_attention_statistics", "_attention_pass")]
+    assert len(grams) >= 6
+    for desc in grams:  # C [64, 64] and C_s [96, 96]: rows split over the four model devices
+        assert desc["spec"].startswith("PartitionSpec('model'") or desc["spec"].startswith("P('model'"), desc
+        assert desc["shard_shape"] == [desc["shape"][0] // 4, desc["shape"][1]], desc
+    hidden = [e["outputs"]["[0]"] for e in layout if e["pass"] in ("_attention_pass", "_influence_pass")]
+    hidden += [e["outputs"][""] for e in layout if e["pass"] == "_mlp_pass"]
+    for desc in hidden:  # [8, 24, 64]: rows split over the two data positions, whole over model
+        assert desc["shard_shape"] == [desc["shape"][0] // 2, *desc["shape"][1:]], desc
+
+
+def _replica_groups(text: str) -> list[set[frozenset[int]]]:
+    """The replica groups of every all-reduce in HLO text (explicit ``{{0,4},...}`` or iota ``[4,2]<=[2,4]T(1,0)``)."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        if " all-reduce(" not in line and "all-reduce-start(" not in line:
+            continue
+        m = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
+        if m:
+            out.append({frozenset(int(v) for v in g.split(",") if v) for g in re.findall(r"\{([\d,]*)\}", m.group(1))})
+            continue
+        m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+        if m:
+            dims = [int(v) for v in m.group(3).split(",")]
+            ids = np.arange(int(np.prod(dims))).reshape(dims)
+            if m.group(4):
+                ids = ids.transpose([int(v) for v in m.group(4).split(",")])
+            out.append({frozenset(row.tolist()) for row in ids.reshape(int(m.group(1)), int(m.group(2)))})
+    return out
+
+
+def test_statistics_step_sums_over_data_with_one_all_reduce(tensor_parallel_run):
+    """The compiled attention statistics step adds the data shards' sums with an all-reduce among the devices
+    that share a model position (mesh positions (d, m) are devices 4 d + m)."""
+    over_data = {frozenset({m, 4 + m}) for m in range(4)}
+    groups = _replica_groups((tensor_parallel_run / "attention_statistics.hlo").read_text())
+    assert over_data in groups, groups
+
+
+def test_tensor_parallel_result_matches_one_device(tensor_parallel_run, one_device_run):
+    with np.load(tensor_parallel_run / "weights.npz") as a, np.load(one_device_run / "weights.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in b.files:
+            assert a[key].shape == b[key].shape, key
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_two_processes_hold_the_same_weights(tiny_checkpoint, tensor_parallel_run, tmp_path):
+    """Two jax.distributed processes (gloo) with four devices each, data=2,model=4: both end with bitwise the
+    same compressed blocks (checksums), and the model written equals the one-process eight-device result."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.mesh_worker", str(tmp_path), str(tiny_checkpoint), MESH,
+                               str(port), str(i), "2"], cwd=REPO, env=_env(4), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for p in procs:  # a hang or a crash of one side must not leave the other waiting forever
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"process {i}:\n{log[-3000:]}"
+    records = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
+    assert records[0]["processes"] == 2 and records[0]["mesh"] == {"data": 2, "model": 4}
+    assert records[0]["checksums"] == records[1]["checksums"]
+    assert len(records[0]["checksums"]) == 3
+    with np.load(tmp_path / "weights.npz") as a, np.load(tensor_parallel_run / "weights.npz") as b:
+        for key in b.files:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)

@@ -136,3 +136,25 @@ def test_nan_in_a_statistic_names_the_layer(checkpoints):
     kernel.set_value(kernel[...].at[3].set(jnp.nan))
     with pytest.raises(UserError, match="layer 1"):
         compress(model, calibration(), equal_split(ratio=0.3, allocation="uniform"), progress=False)
+
+
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_matmul_precision_reaches_the_calibration_passes(checkpoints, monkeypatch, precision):
+    import jax
+
+    from modegpt_jax import pipeline
+
+    seen = []
+    for name in ("_attention_statistics", "_attention_pass", "_mlp_pass", "_influence_pass"):
+        fn = getattr(pipeline, name)
+
+        def spy(*args, _fn=fn, _name=name, **kwargs):
+            seen.append((_name, jax.config.jax_default_matmul_precision))
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, name, spy)
+    compress(checkpoints["opt"], calibration(), equal_split(ratio=0.3, matmul_precision=precision), progress=False)
+    assert {name for name, _ in seen} == {"_attention_statistics", "_attention_pass", "_mlp_pass", "_influence_pass"}
+    assert {p for _, p in seen} == {precision}
+    with pytest.raises(UserError, match="matmul-precision"):
+        compress(checkpoints["opt"], calibration(), equal_split(ratio=0.3, matmul_precision="fast"), progress=False)

@@ -50,13 +50,13 @@ def checkpoints(tmp_path_factory):
 
 def test_memory_does_not_grow_with_depth(checkpoints, tmp_path, monkeypatch):
     written = []
-    real_write = staging.write_block
+    real_arrays = staging.block_arrays
 
-    def write_block(directory, layer, block):
+    def block_arrays(block):  # every finished block passes here on its way to the staging directory
         written.append(weakref.ref(block))
-        return real_write(directory, layer, block)
+        return real_arrays(block)
 
-    monkeypatch.setattr(staging, "write_block", write_block)
+    monkeypatch.setattr(staging, "block_arrays", block_arrays)
     peaks, alive = {}, {}
     for n, ckpt in checkpoints.items():
         written.clear()
