@@ -1,6 +1,7 @@
 """Scale benchmark: compression of random models in the exact shapes of real LLMs, streamed from disk.
 
     python benchmarks/scale.py [--shape llama-2-7b] [--layers 2,4,8] [--full] [--per-layer-only]
+                               [--mesh data=8 --mesh data=2,model=4 [--devices 8]]
                                [--ratio 0.3] [--calib-samples 16] [--calib-seqlen 1024]
                                [--workdir DIR] [--keep] [--dry-run] [--extra-args "--dtype bfloat16 ..."]
                                [--json benchmarks/results/scale.json]
@@ -12,6 +13,11 @@ time and, from ``report.json``, the time of each phase and of each layer. Since 
 time, peak memory should not grow with N (the table says whether it stays within 5%) and the seconds per layer
 should not either. ``--per-layer-only`` is for models whose every layer is too big to run several of
 (llama-3-70b by default): N = 1 and 2.
+
+``--mesh SPEC`` (repeatable) runs each N once per mesh and adds, from ``report.json``, the most bytes one device
+held of a dense block's weights and of one layer's statistics: with ``model=4`` both should be about 4x smaller
+than with ``data`` alone. ``--devices N`` simulates N CPU devices in the child
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``); leave it out on a GPU or TPU machine.
 
 Shapes (``SHAPES``): llama-2-7b, llama-3-8b (Llama 3.1 configuration: llama3 RoPE scaling), mistral-7b
 (v0.2: vocabulary 32000, no sliding window), qwen2.5-7b (q/k/v biases), llama-3-70b; ``tiny`` is a small test
@@ -326,7 +332,7 @@ _RUSAGE_WRAPPER = (
 )
 
 
-def run_measured(cmd: list[str], log_lines: int = 40) -> dict[str, Any]:
+def run_measured(cmd: list[str], log_lines: int = 40, env: dict | None = None) -> dict[str, Any]:
     """Run ``cmd``, echoing its output; its wall time, peak RSS (KiB, from /usr/bin/time -v or getrusage)."""
     with tempfile.NamedTemporaryFile("r", suffix=".rss", delete=False) as f:
         rss_file = f.name
@@ -337,7 +343,8 @@ def run_measured(cmd: list[str], log_lines: int = 40) -> dict[str, Any]:
         full = [sys.executable, "-c", _RUSAGE_WRAPPER, rss_file, *cmd]
     tail: list[str] = []
     start = time.perf_counter()
-    proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            env=env)
     assert proc.stdout is not None
     for line in proc.stdout:
         if not line.strip():
@@ -386,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-layer-only", action="store_true",
                         help="for models too big to run many layers of: --layers 1,2 (shape llama-3-70b "
                              "unless --shape is given)")
+    parser.add_argument("--mesh", action="append", default=None,
+                        help="run every N on this mesh (repeatable), e.g. --mesh data=8 --mesh data=2,model=4")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="simulated CPU devices for the child process (XLA_FLAGS); not for real accelerators")
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-seqlen", type=int, default=1024)
@@ -420,8 +431,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{shape.kv_heads} KV, MLP {shape.mlp}, vocab {shape.vocab} ({shape.model_type})")
     print(f"layers {layer_counts}, workdir {workdir}, {platform.machine()} with {os.cpu_count()} CPUs")
 
+    env = None
+    if args.devices:
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+    meshes = args.mesh or [None]
     rows = []
-    for n in layer_counts:
+    for n, mesh in [(n, m) for n in layer_counts for m in meshes]:
         ckpt_dir = workdir / f"{shape_name}-L{n}"
         print(f"\n== {shape_name}, {n} layer(s): writing {checkpoint_bytes(shape, n) / 2**30:.2f} GiB of weights "
               f"to {ckpt_dir}", flush=True)
@@ -429,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         how = "already there" if info["cached"] else f"written in {info['write_seconds']:.1f} s"
         print(f"   {info['parameters']:,} parameters, {info['shards']} shard(s), "
               f"{info['bytes_on_disk'] / 2**30:.2f} GiB on disk ({how})", flush=True)
-        row: dict[str, Any] = {"layers": n, "checkpoint": info}
+        row: dict[str, Any] = {"layers": n, "mesh": mesh, "devices": args.devices, "checkpoint": info}
         rows.append(row)
         if args.dry_run:
             continue
@@ -438,9 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out.parent / f".{out.name}.resume", ignore_errors=True)
         cmd = [*_modegpt_command(), "compress", "--model", str(ckpt_dir), "--ratio", str(args.ratio),
                "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
-               "--output", str(out), "--overwrite", *extra]
-        print("   $ " + shlex.join(cmd), flush=True)
-        run = run_measured(cmd)
+               "--output", str(out), "--overwrite", *(["--mesh", mesh] if mesh else []), *extra]
+        print("   $ " + ("" if env is None else f"XLA_FLAGS='{env['XLA_FLAGS'].strip()}' ") + shlex.join(cmd),
+              flush=True)
+        run = run_measured(cmd, env=env)
         row.update(command=cmd, returncode=run["returncode"], wall_seconds=run["wall_seconds"],
                    peak_rss_gib=None if run["peak_rss_kib"] is None else round(run["peak_rss_kib"] / 2**20, 3))
         report_path = out / "report.json"
@@ -451,14 +468,16 @@ def main(argv: list[str] | None = None) -> int:
             row.update(timings_seconds=timings, layer_seconds=layer_secs,
                        median_layer_seconds=statistics.median(layer_secs) if layer_secs else None,
                        compile_seconds=timings.get("compile"),
-                       achieved_block_ratio=report.get("achieved_block_ratio"))
+                       achieved_block_ratio=report.get("achieved_block_ratio"),
+                       peak_bytes_per_device=report.get("devices", {}).get("peak_bytes_per_device"))
         else:
             row["error_tail"] = run["output_tail"][-15:]
             print(f"   modegpt compress failed (exit code {run['returncode']})", flush=True)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(out.parent / f".{out.name}.resume", ignore_errors=True)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            if mesh == meshes[-1]:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     if args.dry_run:
         print(f"\n{'shape':12} {'N':>3} {'params':>15} {'shards':>6} {'GiB on disk':>11} {'write s':>8}")
@@ -468,13 +487,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['bytes_on_disk'] / 2**30:>11.2f} {c['write_seconds']:>8.1f}")
         return 0
 
-    rss = [r["peak_rss_gib"] for r in rows if r.get("returncode") == 0 and r.get("peak_rss_gib")]
+    rss = [r["peak_rss_gib"] for r in rows if r.get("returncode") == 0 and r.get("peak_rss_gib")
+           and r.get("mesh") == meshes[0]]
     flat = None if len(rss) < 2 else max(rss) / min(rss) <= 1.05
-    print(f"\n{'shape':12} {'N':>3} {'peak RSS GiB':>12} {'wall s':>8} {'s/layer (median)':>17} {'compile s':>9}")
+    print(f"\n{'shape':12} {'N':>3} {'mesh':>16} {'peak RSS GiB':>12} {'wall s':>8} {'s/layer (median)':>17} "
+          f"{'compile s':>9} {'block MiB/dev':>13} {'stats MiB/dev':>13}")
     for r in rows:
-        print(f"{shape_name:12} {r['layers']:>3} {_fmt(r.get('peak_rss_gib'), '12.2f')} "
+        per_dev = r.get("peak_bytes_per_device") or {}
+        mib = {k: None if per_dev.get(k) is None else per_dev[k] / 2**20 for k in ("block", "statistics")}
+        print(f"{shape_name:12} {r['layers']:>3} {r.get('mesh') or 'default':>16} "
+              f"{_fmt(r.get('peak_rss_gib'), '12.2f')} "
               f"{_fmt(r.get('wall_seconds'), '8.1f')} {_fmt(r.get('median_layer_seconds'), '17.2f')} "
-              f"{_fmt(r.get('compile_seconds'), '9.1f')}"
+              f"{_fmt(r.get('compile_seconds'), '9.1f')} {_fmt(mib['block'], '13.1f')} "
+              f"{_fmt(mib['statistics'], '13.1f')}"
               + ("" if r.get("returncode") == 0 else f"  FAILED (exit {r.get('returncode')})"))
     if flat is None:
         print("RSS flat in N: not enough successful runs to say")
@@ -484,13 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r.get("timings_seconds"):
             phases = ", ".join(f"{k} {v:.1f}" for k, v in r["timings_seconds"].items())
-            print(f"  N={r['layers']}: {phases}")
+            print(f"  N={r['layers']}{'' if not r.get('mesh') else ', ' + r['mesh']}: {phases}")
 
-    key = f"{shape_name}{'/per-layer' if args.per_layer_only else ''}"
+    key = f"{shape_name}{'/per-layer' if args.per_layer_only else ''}{'/mesh' if args.mesh else ''}"
     result = {
         "shape": shape_name, "dims": dataclasses.asdict(shape),
         "settings": {"ratio": args.ratio, "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
-                     "extra_args": extra, "seed": args.seed},
+                     "extra_args": extra, "seed": args.seed, "meshes": args.mesh, "devices": args.devices},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "runs": rows, "rss_flat_within_5pct": flat,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

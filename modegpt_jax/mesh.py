@@ -32,6 +32,7 @@ __all__ = [
     "DATA",
     "MODEL",
     "batch_sharding",
+    "bytes_per_device",
     "compute_device",
     "make_mesh",
     "parse_mesh_spec",
@@ -213,3 +214,14 @@ def to_compute_device(x, dtype=None) -> jax.Array:
         return x if dtype is None else x.astype(dtype)
     host = to_host(x)  # multi-process arrays via the host
     return jax.device_put(host if dtype is None else host.astype(dtype), compute_device())
+
+
+def bytes_per_device(tree) -> int:
+    """The most bytes that any one of this process's devices holds of the arrays in ``tree`` (a pytree; leaves
+    that are not ``jax.Array`` count nothing): what sharding saves, measured on the arrays themselves."""
+    per_device: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            for shard in leaf.addressable_shards:
+                per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0)

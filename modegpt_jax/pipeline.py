@@ -38,7 +38,8 @@ from modegpt_jax import decompose, reconstruction, sharding, staging, stats
 from modegpt_jax.config import LayerSpec, ModelConfig
 from modegpt_jax.errors import UserError
 from modegpt_jax.activations import HiddenStates, should_park
-from modegpt_jax.mesh import MODEL, batch_sharding, make_mesh, shard_batch, to_compute_device, to_host
+from modegpt_jax.mesh import (MODEL, batch_sharding, bytes_per_device, make_mesh, shard_batch, to_compute_device,
+                              to_host)
 from modegpt_jax.model import MLP, Attention, Block, Transformer, count_params
 from modegpt_jax.resume import ResumeState, fingerprint
 from modegpt_jax.rope import kept_pair_frequencies
@@ -118,7 +119,7 @@ class InMemorySource:
     def load_shell(self, cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> Transformer:
         shell = nnx.eval_shape(lambda: Transformer(cfg, dtype=self.model.dtype, rngs=nnx.Rngs(0)))
         copy_top_level(self.model, shell)
-        return shell if mesh is None else sharding.place(shell, mesh)
+        return shell if mesh is None else sharding.place(nnx.clone(shell), mesh)  # the caller's model unchanged
 
 
 def copy_top_level(src: Transformer, dst: Transformer) -> None:
@@ -578,15 +579,17 @@ def _plan(source, dense, out_cfg, calib, settings, layer_specs, resume, mesh, pr
 
 
 def _compress_layer(block: Block, hs: HiddenStates, calib: _Calibration, out_cfg: ModelConfig, spec: LayerSpec,
-                    settings: CompressionSettings, mesh, where: str) -> tuple[Block, LayerSpec, dict]:
+                    settings: CompressionSettings, mesh, where: str) -> tuple[Block, LayerSpec, dict, dict]:
     """One layer: attention statistics -> key-query and value-output -> compressed attention over every batch
     (with the MLP statistics) -> Nystrom MLP -> compressed MLP over every batch. ``hs`` ends as the layer's
     output. The passes and error metrics run on width-bucketed copies of the compressed modules (exact zero
-    padding), so layers of similar widths share compilations."""
+    padding), so layers of similar widths share compilations. Also returns the most bytes one device held of the
+    dense block and of the largest statistic."""
     graphdef, state = nnx.split(block)
     acc = stats.Accumulator()
     for j in range(len(hs)):
         acc.add("s", _attention_statistics(graphdef, state, hs.get(j), mesh=mesh))
+    device_bytes = {"block": bytes_per_device(nnx.state(block)), "statistics": bytes_per_device(acc.get("s")["C"])}
     s = acc.finalize(where=where)["s"]
     attn, spec, errors = compress_attention(block, out_cfg, spec, s["C"], s["E_q"], s["E_k"], settings)
     padded_attn = sharding.place(bucketed_attention(attn, out_cfg, spec), mesh)
@@ -602,6 +605,7 @@ def _compress_layer(block: Block, hs: HiddenStates, calib: _Calibration, out_cfg
         hs.set(j, h_mid)
         acc.add("C_s", c_s)
     del attn_state, padded_attn
+    device_bytes["statistics"] = max(device_bytes["statistics"], bytes_per_device(acc.get("C_s")))
     C_s = acc.finalize(where=where)["C_s"]
     mlp, kept = compress_mlp(block, out_cfg, spec, C_s, settings)
     padded_mlp = sharding.place(bucketed_mlp(mlp, out_cfg, spec), mesh)
@@ -617,7 +621,7 @@ def _compress_layer(block: Block, hs: HiddenStates, calib: _Calibration, out_cfg
 
     new = nnx.eval_shape(lambda: Block(out_cfg, spec, dtype=block.attn_norm.weight.dtype, rngs=nnx.Rngs(0)))
     new.attn_norm, new.mlp_norm, new.attn, new.mlp = block.attn_norm, block.mlp_norm, attn, mlp
-    return new, spec, errors
+    return new, spec, errors, device_bytes
 
 
 def _check_same_on_every_process(digest: str, layer: int) -> None:
@@ -694,7 +698,7 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
     try:
         for i in bar:
             lt = time.perf_counter()
-            new, spec, errors = _compress_layer(source.load_block(i, mesh=mesh), hs, calib, out_cfg, specs[i],
+            new, spec, errors, device_bytes = _compress_layer(source.load_block(i, mesh=mesh), hs, calib, out_cfg, specs[i],
                                                 settings, mesh, where=f"layer {i}")
             final_specs.append(spec)
             arrays = staging.block_arrays(new)
@@ -716,6 +720,7 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
                 "params_after": dict(zip(("attention", "mlp"), module_param_counts(out_cfg, spec))),
                 "errors": errors,
                 "checksum": digest,
+                "bytes_per_device": device_bytes,
                 "seconds": round(time.perf_counter() - lt, 3),
             }
             if resume is not None:
@@ -755,7 +760,10 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
         "settings": dataclasses.asdict(settings),
         "calibration": {"samples": int(len(tokens) * jax.process_count()), "seqlen": int(tokens.shape[1])},
         "devices": {"mesh": dict(mesh.shape), "processes": jax.process_count(),
-                    "activations_on_host": bool(on_host)},
+                    "activations_on_host": bool(on_host),
+                    # the most one device held of a dense block's weights and of one layer's Gram matrices
+                    "peak_bytes_per_device": {k: max((r.get("bytes_per_device", {}).get(k, 0) for r in layer_reports),
+                                                     default=0) for k in ("block", "statistics")}},
         "layers": layer_reports,
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "memory": _peak_memory(),

@@ -5,7 +5,10 @@ A fresh process is needed because the device count (``XLA_FLAGS=--xla_force_host
 
 Usage (from the repository root)::
 
-    python -m tests.mesh_worker OUT_DIR CHECKPOINT MESH [PORT PROCESS_ID NUM_PROCESSES]
+    python -m tests.mesh_worker OUT_DIR CHECKPOINT MESH[@memory] [PORT PROCESS_ID NUM_PROCESSES]
+
+``MESH@memory`` loads the whole model, shards it on the mesh itself and passes the model to ``compress`` (the Python
+API with a sharded in-memory model) instead of streaming the checkpoint.
 
 Writes to ``OUT_DIR``:
 
@@ -63,7 +66,7 @@ def _record(layout: list, name: str, fn):
 
 
 def main(argv: list[str]) -> None:
-    out, checkpoint, mesh_spec = Path(argv[0]), argv[1], argv[2]
+    out, checkpoint, (mesh_spec, _, source) = Path(argv[0]), argv[1], argv[2].partition("@")
     import jax
 
     if len(argv) > 3:
@@ -74,7 +77,7 @@ def main(argv: list[str]) -> None:
     from flax import nnx
 
     from converters.hf_import import HFCheckpoint
-    from modegpt_jax import pipeline
+    from modegpt_jax import pipeline, sharding
     from modegpt_jax.mesh import make_mesh, to_host
 
     mesh = make_mesh(mesh_spec)
@@ -86,10 +89,15 @@ def main(argv: list[str]) -> None:
     tokens = _tokens(ckpt.config.vocab_size, jax.process_index(), jax.process_count())
     settings = pipeline.CompressionSettings(ratio=0.3, batch_size=BATCH)
     out.mkdir(parents=True, exist_ok=True)
-    result = pipeline.compress_streamed(ckpt, tokens, settings, out / "staging", mesh=mesh,
-                                        progress=False)
-    record = {"checksums": [x["checksum"] for x in result.report["layers"]], "layout": layout,
-              "mesh": result.report["devices"]["mesh"], "processes": jax.process_count()}
+    if source == "memory":
+        model = sharding.place(ckpt.load_model(), mesh)
+        model, report = pipeline.compress(model, tokens, settings, mesh=mesh, progress=False)
+    else:
+        result = pipeline.compress_streamed(ckpt, tokens, settings, out / "staging", mesh=mesh, progress=False)
+        model, report = result.load_model(), result.report
+    record = {"checksums": [x["checksum"] for x in report["layers"]], "layout": layout,
+              "mesh": report["devices"]["mesh"], "processes": jax.process_count(),
+              "peak_bytes_per_device": report["devices"]["peak_bytes_per_device"]}
     (out / f"process_{jax.process_index()}.json").write_text(json.dumps(record))
     if jax.process_count() == 1:
         block = ckpt.load_block(0, mesh=mesh)
@@ -98,7 +106,6 @@ def main(argv: list[str]) -> None:
                             device=pipeline.batch_sharding(mesh, 3))
         hlo = pipeline._attention_statistics.__wrapped__.lower(graphdef, state, h, mesh=mesh).compile().as_text()
         (out / "attention_statistics.hlo").write_text(hlo)
-    model = result.load_model()
     weights = {".".join(map(str, p)): to_host(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     if jax.process_index() == 0:
         np.savez(out / "weights.npz", **weights)

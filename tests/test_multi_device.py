@@ -6,7 +6,6 @@ starts) with a timeout, so a hang fails the test instead of stopping the suite.
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,20 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.processes import REPO, env_with_devices, run_distributed
+
 TIMEOUT_S = 600
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def _python(code: str, devices: int, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=_env(devices),
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env_with_devices(devices),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -68,7 +60,7 @@ def test_factorisations_of_inputs_replicated_over_two_devices(tmp_path):
 def _compress(out: Path, mesh: str, devices: int) -> dict:
     cmd = [sys.executable, "-m", "modegpt_jax.cli", "compress", "--model", "smollm2-135m", "--ratio", "0.3",
            "--calib-samples", "8", "--calib-seqlen", "256", "--mesh", mesh, "--output", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(devices), capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(cmd, cwd=REPO, env=env_with_devices(devices), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
 
@@ -121,7 +113,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def _worker(out: Path, checkpoint: Path, mesh: str, devices: int) -> Path:
     proc = subprocess.run([sys.executable, "-m", "tests.mesh_worker", str(out), str(checkpoint), mesh], cwd=REPO,
-                          env=_env(devices), capture_output=True, text=True, timeout=TIMEOUT_S)
+                          env=env_with_devices(devices), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -223,25 +215,8 @@ def test_tensor_parallel_result_matches_one_device(tensor_parallel_run, one_devi
 def test_two_processes_hold_the_same_weights(tiny_checkpoint, tensor_parallel_run, tmp_path):
     """Two jax.distributed processes (gloo) with four devices each, data=2,model=4: both end with bitwise the
     same compressed blocks (checksums), and the model written equals the one-process eight-device result."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.mesh_worker", str(tmp_path), str(tiny_checkpoint), MESH,
-                               str(port), str(i), "2"], cwd=REPO, env=_env(4), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:  # a hang or a crash of one side must not leave the other waiting forever
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {i}:\n{log[-3000:]}"
+    run_distributed("tests.mesh_worker", lambda port, i: [tmp_path, tiny_checkpoint, MESH, port, i, 2], processes=2,
+                    devices_per_process=4, timeout=TIMEOUT_S)
     records = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
     assert records[0]["processes"] == 2 and records[0]["mesh"] == {"data": 2, "model": 4}
     assert records[0]["checksums"] == records[1]["checksums"]
@@ -249,3 +224,20 @@ def test_two_processes_hold_the_same_weights(tiny_checkpoint, tensor_parallel_ru
     with np.load(tmp_path / "weights.npz") as a, np.load(tensor_parallel_run / "weights.npz") as b:
         for key in b.files:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_model_axis_divides_the_bytes_each_device_holds(tensor_parallel_run, one_device_run):
+    """report.json's bytes per device: the largest statistic is a quarter of the one-device one, a dense block
+    little more than a quarter (its norms and RoPE tables are whole everywhere)."""
+    tp, one = (json.loads((run / "process_0.json").read_text())["peak_bytes_per_device"]
+               for run in (tensor_parallel_run, one_device_run))
+    assert one["statistics"] == 96 * 96 * 4 and tp["statistics"] * 4 == one["statistics"]
+    assert one["block"] / 4 < tp["block"] < one["block"] / 4 * 1.1
+
+
+def test_a_sharded_model_in_memory_compresses_like_the_checkpoint(tiny_checkpoint, tensor_parallel_run, tmp_path):
+    """The Python API with a model the caller already sharded on the mesh, rather than a checkpoint to stream."""
+    run = _worker(tmp_path, tiny_checkpoint, MESH + "@memory", 8)
+    assert json.loads((run / "process_0.json").read_text())["checksums"] == json.loads(
+        (tensor_parallel_run / "process_0.json").read_text())["checksums"]
+    assert not any(d["replicated"] for _, name, d in _dense_block_weights(_layout(run)) if name.endswith("proj.kernel"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +15,8 @@ from modegpt_jax import stats
 from modegpt_jax.errors import UserError
 from modegpt_jax.mesh import make_mesh, parse_mesh_spec, replicate, shard_batch
 from tests import stats_worker
+from tests.processes import REPO, env_with_devices, run_distributed
 
-REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_TIMEOUT_S = 120  # a hung collective fails the test instead of blocking the run
 
 
@@ -266,52 +264,21 @@ def _compare(saved: Path, specs: list[str], reference: dict, devices: int):
             assert str(z[f"{spec}/layout/C_model_spec"]) == ("P('model',)" if model > 1 else "P()")
 
 
-def _worker_env(devices_per_process: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_process}"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def test_eight_devices_match_one_device(one_device_result, tmp_path):
     specs = ["data=8", "data=4,model=2"]
     out = tmp_path / "eight.npz"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.stats_worker", "devices", str(out), *specs],
-        cwd=REPO, env=_worker_env(8), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+        cwd=REPO, env=env_with_devices(8), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _compare(out, specs, one_device_result, devices=8)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_match_one_device(one_device_result, tmp_path):
     # Two processes with two CPU devices each: "data=2,model=2" also reads a "model"-sharded sum across processes.
     specs = ["data=4", "data=2,model=2"]
     out = tmp_path / "two.npz"
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.stats_worker", "distributed", str(out), str(port), str(i), "2", *specs],
-            cwd=REPO, env=_worker_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=SUBPROCESS_TIMEOUT_S)[0])
-    finally:
-        for p in procs:  # a hang or a crash of one side must not leave the other waiting forever
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {i}:\n{log[-3000:]}"
+    run_distributed("tests.stats_worker", lambda port, i: ["distributed", out, port, i, 2, *specs], processes=2,
+                    devices_per_process=2, timeout=SUBPROCESS_TIMEOUT_S)
     _compare(out, specs, one_device_result, devices=4)
