@@ -173,6 +173,7 @@ def _leverage(C: jax.Array, alpha: jax.Array) -> jax.Array:
     ``L^-1``.
     """
     n = C.shape[0]
+    C = C.astype(alpha.dtype)  # computed in alpha's dtype: C may be kept narrower (see nystrom_mlp)
     C = 0.5 * (C + C.T)  # accumulated statistics are symmetric only up to rounding
     lam = alpha * _scale(jnp.diagonal(C))
     L = jnp.linalg.cholesky(C + lam * jnp.eye(n, dtype=C.dtype))
@@ -240,31 +241,54 @@ def width_bucket(width: int, full: int, parts: int = 16, multiple: int = 1) -> i
     return min(-(-width // step) * step, full)
 
 
+#: Rows of ``C[S] W`` made at a time by the Nystrom refit.
+REFIT_ROWS = 1024
+
+
+@jax.jit
+def _symmetric(C: jax.Array) -> jax.Array:
+    return 0.5 * (C + C.T)
+
+
+@jax.jit
+def _leverage_order(C: jax.Array, alpha: jax.Array) -> jax.Array:
+    """Channels by ridge leverage score, best first (ties keep the lower index)."""
+    return jnp.argsort(-_leverage(C, alpha), stable=True)
+
+
 @partial(jax.jit, static_argnames=("slots",))
-def _nystrom_kernel(C: jax.Array, w_down: jax.Array, alpha: jax.Array, delta: jax.Array, width: jax.Array,
-                    slots: int):
+def _nystrom_refit(C: jax.Array, w_down: jax.Array, order: jax.Array, delta: jax.Array, width: jax.Array,
+                   slots: int):
     """The refit in ``slots >= width`` channel slots (a width bucket): slots past ``width`` are inert (identity
     rows in the solve, zero right-hand side). Returns the kept channels (ascending, then the inert slots) and the
-    refitted rows; the first ``width`` of each are the result."""
+    refitted rows; the first ``width`` of each are the result.
+
+    A step of its own, after the ranking (:func:`_leverage_order`), so the ranking's Cholesky factor is gone
+    before this one's exists, and the rows ``C[S]`` are never gathered as one ``[slots, n]`` block (``C_SS`` is a
+    2-D gather, the right-hand side is made ``REFIT_ROWS`` rows at a time): besides ``C`` only ``C_SS`` and its
+    factor are ``n x n``-sized. ``C`` may be narrower than the compute dtype (``delta``'s): what is used of it is
+    cast."""
     n = C.shape[0]
-    C = 0.5 * (C + C.T)
-    scores = _leverage(C, alpha)
-    order = jnp.argsort(-scores, stable=True)  # best first; ties keep the lower index
+    dt = delta.dtype
     valid = jnp.arange(slots) < width
     ranked = order[:slots]
     kept = jnp.sort(jnp.where(valid, ranked, ranked + n))  # kept ascending first, inert slots after
     kept = jnp.where(kept >= n, kept - n, kept)
     is_kept = jnp.zeros(n, bool).at[kept].set(valid)
     both = valid[:, None] & valid[None, :]
-    C_SS = C[kept][:, kept]
+    C_SS = C[kept[:, None], kept[None, :]].astype(dt)
     diag = jnp.where(valid, jnp.diagonal(C_SS), 0.0)
     mean = jnp.sum(diag) / width
     ridge = delta * jnp.where(mean > 0, mean, 1.0)
-    M = jnp.where(both, C_SS, 0.0) + jnp.diag(jnp.where(valid, ridge, 1.0).astype(C.dtype))
+    M = jnp.where(both, C_SS, 0.0) + jnp.diag(jnp.where(valid, ridge, 1.0).astype(dt))
     cf = jsl.cho_factor(M, lower=True)
     # argmin_W ||A_S W - A W_D||^2 + ridge ||W - W_D[S]||^2 = W_D[S] + (C_SS + ridge I)^-1 C[S, rest] W_D[rest]:
     # only the dropped channels' contribution is solved for, so the full width returns W_D bit for bit.
-    rhs = _mm(C[kept], jnp.where(is_kept[:, None], 0.0, w_down))
+    dropped_w = jnp.where(is_kept[:, None], 0.0, w_down)
+    per = min(REFIT_ROWS, slots)
+    chunks = -(-slots // per)
+    rows = jnp.pad(kept, (0, chunks * per - slots)).reshape(chunks, per)
+    rhs = lax.map(lambda r: _mm(C[r].astype(dt), dropped_w), rows).reshape(chunks * per, -1)[:slots]
     correction = jsl.cho_solve(cf, jnp.where(valid[:, None], rhs, 0.0))
     return kept, w_down[kept] + correction
 
@@ -319,10 +343,15 @@ def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, 
 
     slots = width_bucket(width, d_int)
     with compute_context(precision64) as cdt:
-        C_c, w_c, alpha_c = _placed(C_s, cdt), _placed(w_down, cdt), _placed(alpha, cdt)
+        # C_s stays in its own precision (float32 statistics gain nothing from a float64 copy, which would be the
+        # largest buffer of a wide MLP: 1 GB at width 11008); the kernels cast what they use.
+        wide = cdt == jnp.float64 and np.dtype(getattr(C_s, "dtype", np.float64)) == np.float64
+        C_c = _symmetric(_placed(C_s, jnp.float64 if wide else jnp.float32))
+        order = _leverage_order(C_c, _placed(alpha, cdt))  # the ranking does not depend on the refit's ridge
+        w_c = _placed(w_down, cdt)
         kept, w_d = _with_growing_ridge(
             "nystrom_mlp",
-            lambda r: _nystrom_kernel(C_c, w_c, alpha_c, _placed(r, cdt), _placed(width, jnp.int32), slots),
+            lambda r: _nystrom_refit(C_c, w_c, order, _placed(r, cdt), _placed(width, jnp.int32), slots),
             _ridge(delta, cdt),
         )
         # Everything sized by the width is cut and gathered on the host: an eager JAX op would compile once per
