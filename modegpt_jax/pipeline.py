@@ -698,8 +698,8 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
     try:
         for i in bar:
             lt = time.perf_counter()
-            new, spec, errors, device_bytes = _compress_layer(source.load_block(i, mesh=mesh), hs, calib, out_cfg, specs[i],
-                                                settings, mesh, where=f"layer {i}")
+            new, spec, errors, device_bytes = _compress_layer(
+                source.load_block(i, mesh=mesh), hs, calib, out_cfg, specs[i], settings, mesh, where=f"layer {i}")
             final_specs.append(spec)
             arrays = staging.block_arrays(new)
             digest = staging.checksum(arrays)

@@ -60,7 +60,8 @@ def test_factorisations_of_inputs_replicated_over_two_devices(tmp_path):
 def _compress(out: Path, mesh: str, devices: int) -> dict:
     cmd = [sys.executable, "-m", "modegpt_jax.cli", "compress", "--model", "smollm2-135m", "--ratio", "0.3",
            "--calib-samples", "8", "--calib-seqlen", "256", "--mesh", mesh, "--output", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_with_devices(devices), capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(cmd, cwd=REPO, env=env_with_devices(devices), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
 
