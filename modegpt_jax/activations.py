@@ -18,21 +18,10 @@ from typing import Iterable
 import jax
 import numpy as np
 
+from modegpt_jax.mesh import local_blocks
+
 # Park the hidden states on the host when they would take more than this share of one device's memory.
 DEVICE_SHARE = 0.3
-
-
-def local_blocks(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> list[tuple[jax.Device, tuple, bool]]:
-    """This process's devices in id order, each with the block of the array it holds (``(start, stop)`` per
-    dimension) and whether it is the first of them to hold that block. Hidden states are replicated over
-    ``"model"``: only the first holder's copy needs to be kept or written, the others are copies of it."""
-    out, seen = [], set()
-    for device, index in sorted(sharding.addressable_devices_indices_map(tuple(shape)).items(),
-                                key=lambda item: item[0].id):
-        key = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
-        out.append((device, key, key not in seen))
-        seen.add(key)
-    return out
 
 
 class _Parked:

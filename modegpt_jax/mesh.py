@@ -34,6 +34,7 @@ __all__ = [
     "batch_sharding",
     "bytes_per_device",
     "compute_device",
+    "local_blocks",
     "make_mesh",
     "parse_mesh_spec",
     "replicate",
@@ -170,6 +171,19 @@ def replicate(value, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(value.shape, replicated(mesh), lambda index: value[index])
 
 
+def local_blocks(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> list[tuple[jax.Device, tuple, bool]]:
+    """This process's devices in id order, each with the block of the array it holds (``(start, stop)`` per
+    dimension) and whether it is the first of them to hold that block: an array replicated over an axis (hidden
+    states over ``"model"``) needs only the first holder's copy kept, written or read, the others are copies."""
+    out, seen = [], set()
+    for device, index in sorted(sharding.addressable_devices_indices_map(tuple(shape)).items(),
+                                key=lambda item: item[0].id):
+        key = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
+        out.append((device, key, key not in seen))
+        seen.add(key)
+    return out
+
+
 def to_host(x) -> np.ndarray:
     """A NumPy copy of ``x``, also when ``x`` is a global array spread over several processes.
 
@@ -180,14 +194,12 @@ def to_host(x) -> np.ndarray:
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
     # Shards of a NamedSharding are disjoint blocks (or replicas of one): distinct blocks summing to x.size cover x.
-    blocks = {}
-    for shard in x.addressable_shards:
-        key = tuple(sl.indices(n)[:2] for sl, n in zip(shard.index, x.shape))
-        blocks.setdefault(key, shard)
-    if sum(int(np.prod([b - a for a, b in key])) for key in blocks) == x.size:
+    shards = {s.device: s for s in x.addressable_shards}
+    firsts = [(device, key) for device, key, first in local_blocks(x.sharding, x.shape) if first]
+    if sum(int(np.prod([b - a for a, b in key])) for _, key in firsts) == x.size:
         out = np.empty(x.shape, x.dtype)
-        for shard in blocks.values():
-            out[shard.index] = np.asarray(shard.data)
+        for device, _ in firsts:
+            out[shards[device].index] = np.asarray(shards[device].data)
         return out
     from jax.experimental import multihost_utils
 

@@ -35,8 +35,9 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from modegpt_jax.activations import HiddenStates, local_blocks
+from modegpt_jax.activations import HiddenStates
 from modegpt_jax.errors import UserError
+from modegpt_jax.mesh import local_blocks
 
 STATE = "state.json"
 
