@@ -47,6 +47,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 from jax import lax
 
+from modegpt_jax import cholesky
 from modegpt_jax.mesh import to_compute_device as _placed, to_host
 
 __all__ = [
@@ -166,43 +167,37 @@ def _scale(diag: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _leverage_columns(operands, s: int, e: int) -> jax.Array:
+    """Columns ``s:e`` of ``C + lam I`` from row ``s`` down, symmetrised (accumulated statistics are symmetric only
+    up to rounding), in ``lam``'s dtype (``C`` may be narrower)."""
+    C, lam = operands
+    n, dt = C.shape[0], lam.dtype
+    part = 0.5 * (C[s:, s:e].astype(dt) + C[s:e, s:].T.astype(dt))
+    return part + lam * jnp.eye(n - s, e - s, dtype=dt)
+
+
+@jax.jit
+def _leverage_ridge(C: jax.Array, alpha: jax.Array) -> jax.Array:
+    return alpha * _scale(jnp.diagonal(C).astype(alpha.dtype))
+
+
+@jax.jit
+def _scores(lam: jax.Array, inverse_diagonal: jax.Array) -> jax.Array:
+    # Exact scores lie in [0, 1); rounding can push them a hair outside.
+    return jnp.clip(1.0 - lam * inverse_diagonal, 0.0, 1.0)
+
+
 def _leverage(C: jax.Array, alpha: jax.Array) -> jax.Array:
     """``s_j = [C (C + lam I)^-1]_jj = 1 - lam [(C + lam I)^-1]_jj`` with one Cholesky factorisation.
 
     With ``C + lam I = L L^T``: ``(C + lam I)^-1 = L^-T L^-1``, whose diagonal is the column sums of squares of
-    ``L^-1``.
+    ``L^-1``. Computed in ``alpha``'s dtype; ``C`` may be narrower (see :func:`nystrom_mlp`). The factor is built in
+    column panels from ``C``'s own columns (:mod:`modegpt_jax.cholesky`), so neither a wide copy of ``C`` nor a
+    full square factor ever exists.
     """
-    n = C.shape[0]
-    C = C.astype(alpha.dtype)  # computed in alpha's dtype: C may be kept narrower (see nystrom_mlp)
-    C = 0.5 * (C + C.T)  # accumulated statistics are symmetric only up to rounding
-    lam = alpha * _scale(jnp.diagonal(C))
-    L = jnp.linalg.cholesky(C + lam * jnp.eye(n, dtype=C.dtype))
-    # Exact scores lie in [0, 1); rounding can push them a hair outside.
-    return jnp.clip(1.0 - lam * _inverse_diagonal(L), 0.0, 1.0)
-
-
-#: Columns of ``L^-1`` solved at a time by :func:`_inverse_diagonal`.
-INVERSE_BLOCK = 1024
-
-
-def _inverse_diagonal(L: jax.Array) -> jax.Array:
-    """``diag((L L^T)^-1)``: the squared norms of the columns of ``L^-1``, solved ``INVERSE_BLOCK`` columns at a
-    time in a loop, so only one ``[n, block]`` slice of the inverse exists at once instead of ``[n, n]`` (and its
-    identity): for a 28672-wide MLP statistic in float64 that is 6.6 GB less."""
-    n = L.shape[0]
-    block = min(INVERSE_BLOCK, n)
-    count = -(-n // block)
-    rows = jnp.arange(n)[:, None]
-
-    def body(b, out):
-        identity_columns = (rows == b * block + jnp.arange(block)[None, :]).astype(L.dtype)
-        x = jsl.solve_triangular(L, identity_columns, lower=True)
-        return lax.dynamic_update_slice(out, jnp.sum(x * x, axis=0), (b * block,))
-
-    return lax.fori_loop(0, count, body, jnp.zeros(count * block, L.dtype))[:n]
-
-
-_leverage_jit = jax.jit(_leverage)
+    lam = _leverage_ridge(C, alpha)
+    factor = cholesky.factor(_leverage_columns, (C, lam), C.shape[0])
+    return _scores(lam, cholesky.inverse_diagonal(factor))
 
 
 def ridge_leverage_scores(C: jax.Array, alpha: float = DEFAULT_LEVERAGE_ALPHA, *,
@@ -227,7 +222,7 @@ def ridge_leverage_scores(C: jax.Array, alpha: float = DEFAULT_LEVERAGE_ALPHA, *
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     with compute_context(precision64) as cdt:
-        s = _leverage_jit(_placed(C, cdt), _placed(alpha, cdt))
+        s = _leverage(_placed(C, cdt), _placed(alpha, cdt))
         _check_finite("ridge_leverage_scores", s)
         return s.astype(_out_dtype(C))
 
@@ -246,51 +241,80 @@ REFIT_ROWS = 1024
 
 
 @jax.jit
-def _symmetric(C: jax.Array) -> jax.Array:
-    return 0.5 * (C + C.T)
+def _descending(scores: jax.Array) -> jax.Array:
+    return jnp.argsort(-scores, stable=True)  # ties keep the lower index
 
 
-@jax.jit
 def _leverage_order(C: jax.Array, alpha: jax.Array) -> jax.Array:
-    """Channels by ridge leverage score, best first (ties keep the lower index)."""
-    return jnp.argsort(-_leverage(C, alpha), stable=True)
+    """Channels by ridge leverage score, best first."""
+    return _descending(_leverage(C, alpha))
 
 
 @partial(jax.jit, static_argnames=("slots",))
+def _refit_slots(C: jax.Array, order: jax.Array, delta: jax.Array, width: jax.Array, slots: int):
+    """The kept channels in ``slots >= width`` channel slots (ascending, then the inert slots past ``width``),
+    which slots are valid, and what the refit adds on the diagonal: the ridge ``delta * mean(diag(C_SS))`` on
+    valid slots, 1 on inert ones (identity rows)."""
+    n = C.shape[0]
+    valid = jnp.arange(slots) < width
+    ranked = order[:slots]
+    kept = jnp.sort(jnp.where(valid, ranked, ranked + n))
+    kept = jnp.where(kept >= n, kept - n, kept)
+    diag = jnp.where(valid, C[kept, kept].astype(delta.dtype), 0.0)
+    mean = jnp.sum(diag) / width
+    ridge = delta * jnp.where(mean > 0, mean, 1.0)
+    return kept, valid, jnp.where(valid, ridge, 1.0).astype(delta.dtype)
+
+
+def _refit_columns(operands, s: int, e: int) -> jax.Array:
+    """Columns ``s:e`` of ``C_SS + ridge I`` from row ``s`` down: symmetrised, identity in the inert slots."""
+    C, kept, valid, on_diagonal = operands
+    dt, slots = on_diagonal.dtype, kept.shape[0]
+    r, c = kept[s:], kept[s:e]
+    part = 0.5 * (C[r[:, None], c[None, :]].astype(dt) + C[c[:, None], r[None, :]].T.astype(dt))
+    part = jnp.where(valid[s:, None] & valid[None, s:e], part, 0.0)
+    return part + jnp.eye(slots - s, e - s, dtype=dt) * on_diagonal[None, s:e]
+
+
+@jax.jit
+def _refit_rhs(C: jax.Array, w_down: jax.Array, kept: jax.Array, valid: jax.Array,
+               on_diagonal: jax.Array) -> jax.Array:
+    """``C[S, ~S] W_D[~S]`` (zero in the inert slots), in ``on_diagonal``'s dtype, ``REFIT_ROWS`` rows at a time: the rows ``C[S]`` are never
+    gathered as one ``[slots, n]`` block."""
+    n, slots, dt = C.shape[0], kept.shape[0], on_diagonal.dtype
+    is_kept = jnp.zeros(n, bool).at[kept].set(valid)
+    dropped_w = jnp.where(is_kept[:, None], 0.0, w_down.astype(dt))
+    per = min(REFIT_ROWS, slots)
+    chunks = -(-slots // per)
+    rows = jnp.pad(kept, (0, chunks * per - slots)).reshape(chunks, per)
+
+    def rhs_rows(r):  # C[r] W, with C symmetrised
+        return _mm(0.5 * (C[r].astype(dt) + C[:, r].T.astype(dt)), dropped_w)
+
+    rhs = lax.map(rhs_rows, rows).reshape(chunks * per, -1)[:slots]
+    return jnp.where(valid[:, None], rhs, 0.0)
+
+
+@jax.jit
+def _refit_rows(w_down: jax.Array, kept: jax.Array, correction: jax.Array) -> jax.Array:
+    return w_down[kept].astype(correction.dtype) + correction
+
+
 def _nystrom_refit(C: jax.Array, w_down: jax.Array, order: jax.Array, delta: jax.Array, width: jax.Array,
                    slots: int):
     """The refit in ``slots >= width`` channel slots (a width bucket): slots past ``width`` are inert (identity
     rows in the solve, zero right-hand side). Returns the kept channels (ascending, then the inert slots) and the
     refitted rows; the first ``width`` of each are the result.
 
-    A step of its own, after the ranking (:func:`_leverage_order`), so the ranking's Cholesky factor is gone
-    before this one's exists, and the rows ``C[S]`` are never gathered as one ``[slots, n]`` block (``C_SS`` is a
-    2-D gather, the right-hand side is made ``REFIT_ROWS`` rows at a time): besides ``C`` only ``C_SS`` and its
-    factor are ``n x n``-sized. ``C`` may be narrower than the compute dtype (``delta``'s): what is used of it is
-    cast."""
-    n = C.shape[0]
-    dt = delta.dtype
-    valid = jnp.arange(slots) < width
-    ranked = order[:slots]
-    kept = jnp.sort(jnp.where(valid, ranked, ranked + n))  # kept ascending first, inert slots after
-    kept = jnp.where(kept >= n, kept - n, kept)
-    is_kept = jnp.zeros(n, bool).at[kept].set(valid)
-    both = valid[:, None] & valid[None, :]
-    C_SS = C[kept[:, None], kept[None, :]].astype(dt)
-    diag = jnp.where(valid, jnp.diagonal(C_SS), 0.0)
-    mean = jnp.sum(diag) / width
-    ridge = delta * jnp.where(mean > 0, mean, 1.0)
-    M = jnp.where(both, C_SS, 0.0) + jnp.diag(jnp.where(valid, ridge, 1.0).astype(dt))
-    cf = jsl.cho_factor(M, lower=True)
-    # argmin_W ||A_S W - A W_D||^2 + ridge ||W - W_D[S]||^2 = W_D[S] + (C_SS + ridge I)^-1 C[S, rest] W_D[rest]:
-    # only the dropped channels' contribution is solved for, so the full width returns W_D bit for bit.
-    dropped_w = jnp.where(is_kept[:, None], 0.0, w_down)
-    per = min(REFIT_ROWS, slots)
-    chunks = -(-slots // per)
-    rows = jnp.pad(kept, (0, chunks * per - slots)).reshape(chunks, per)
-    rhs = lax.map(lambda r: _mm(C[r].astype(dt), dropped_w), rows).reshape(chunks * per, -1)[:slots]
-    correction = jsl.cho_solve(cf, jnp.where(valid[:, None], rhs, 0.0))
-    return kept, w_down[kept] + correction
+    ``argmin_W ||A_S W - A W_D||^2 + ridge ||W - W_D[S]||^2 = W_D[S] + (C_SS + ridge I)^-1 C[S, ~S] W_D[~S]``: only
+    the dropped channels' contribution is solved for, so the full width returns ``W_D`` bit for bit. Run after the
+    ranking (:func:`_leverage_order`), so the ranking's factor is gone before this one's exists; ``C_SS`` is never
+    gathered whole (its factor is built in panels, :mod:`modegpt_jax.cholesky`). ``C`` may be narrower than the
+    compute dtype (``delta``'s): what is used of it is cast."""
+    kept, valid, on_diagonal = _refit_slots(C, order, delta, width, slots)
+    factor = cholesky.factor(_refit_columns, (C, kept, valid, on_diagonal), slots)
+    correction = cholesky.solve(factor, _refit_rhs(C, w_down, kept, valid, on_diagonal))
+    return kept, _refit_rows(w_down, kept, correction)
 
 
 def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, *,
@@ -346,9 +370,9 @@ def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, 
         # C_s stays in its own precision (float32 statistics gain nothing from a float64 copy, which would be the
         # largest buffer of a wide MLP: 1 GB at width 11008); the kernels cast what they use.
         wide = cdt == jnp.float64 and np.dtype(getattr(C_s, "dtype", np.float64)) == np.float64
-        C_c = _symmetric(_placed(C_s, jnp.float64 if wide else jnp.float32))
+        C_c = _placed(C_s, jnp.float64 if wide else jnp.float32)
         order = _leverage_order(C_c, _placed(alpha, cdt))  # the ranking does not depend on the refit's ridge
-        w_c = _placed(w_down, cdt)
+        w_c = _placed(w_down)  # cast to the compute dtype inside the refit, not kept as a second copy
         kept, w_d = _with_growing_ridge(
             "nystrom_mlp",
             lambda r: _nystrom_refit(C_c, w_c, order, _placed(r, cdt), _placed(width, jnp.int32), slots),

@@ -445,6 +445,7 @@ class _Calibration:
 
     def __init__(self, shell: Transformer, tokens: np.ndarray, settings: CompressionSettings, mesh):
         self.shell, self.mesh = shell, mesh
+        self.hidden_size = shell.config.hidden_size
         self.dtype = jnp.dtype(settings.activation_dtype)
         positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
         self.tokens, self.positions = [], []
@@ -456,11 +457,18 @@ class _Calibration:
         return len(self.tokens)
 
     def embed(self, j: int) -> jax.Array:
+        if self.shell is None:
+            raise RuntimeError("the embeddings were released (release_embeddings)")
         return _embed(self.shell, self.tokens[j], self.positions[j], self.mesh, self.dtype)
+
+    def release_embeddings(self) -> None:
+        """Drop the model's top level (embeddings, final norm, head) once every batch has been embedded: it is
+        not needed again until the output is assembled, and for a 7B model it is 1 GB in float32."""
+        self.shell = None
 
     def bytes_per_device(self) -> int:
         rows = sum(t.shape[0] for t in self.tokens) // self.mesh.shape["data"]
-        return rows * self.tokens[0].shape[1] * self.shell.config.hidden_size * self.dtype.itemsize
+        return rows * self.tokens[0].shape[1] * self.hidden_size * self.dtype.itemsize
 
 
 def block_influence(source: LayerSource, calib: _Calibration, settings: CompressionSettings, mesh, progress: bool):
@@ -693,6 +701,8 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
         hs = HiddenStates(resume.restore_hidden(start - 1, abstract), on_host=on_host)
     else:  # the embeddings become the first hidden states: nothing else keeps them
         hs = HiddenStates((calib.embed(j) for j in range(len(calib))), on_host=on_host)
+    del shell  # the top level is read again for the result: the layers do not need it
+    calib.release_embeddings()
     bar = tqdm(range(start, dense.num_layers), desc="compress", unit="layer", disable=not progress,
                initial=start, total=dense.num_layers)
     try:
@@ -746,6 +756,7 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
     timings["total"] = time.perf_counter() - t0
 
     final_cfg = out_cfg.with_layers(final_specs)
+    shell = source.load_shell(dense, mesh=mesh)
     total_before = count_params(shell)  # the dense shell's blocks are shapes only, but they count
     total_after = count_params(nnx.eval_shape(lambda: Transformer(final_cfg, dtype=shell.dtype, rngs=nnx.Rngs(0))))
     report = {

@@ -94,10 +94,13 @@ def test_leverage_matches_explicit_inverse(alpha):
     np.testing.assert_allclose(np_(s32), ref_leverage(C, alpha), atol=2e-3)
 
 
-def test_leverage_solved_in_column_blocks(monkeypatch):
-    from modegpt_jax import decompose
+def test_leverage_factorised_in_panels(monkeypatch):
+    from modegpt_jax import cholesky
 
-    monkeypatch.setattr(decompose, "INVERSE_BLOCK", 7)  # 37 columns: five full blocks and a partial one
+    # 37 columns in panels of 5: seven full panels and a partial one (a width no other test uses, so the kernel
+    # compiles afresh with these settings)
+    monkeypatch.setattr(cholesky, "MIN_PANEL", 5)
+    monkeypatch.setattr(cholesky, "PANELS", 8)
     rng = np.random.default_rng(3)
     A = correlated(rng, 300, 37, decay=1.5)
     C = A.T @ A
