@@ -332,6 +332,13 @@ _RUSAGE_WRAPPER = (
 )
 
 
+def _portable(cmd: list[str], workdir: Path) -> list[str]:
+    """``cmd`` as recorded in the results: ``modegpt`` for the executable, work-directory paths by name."""
+    start = cmd.index("compress")
+    return ["modegpt"] + [a[len(str(workdir)) + 1:] if a.startswith(str(workdir) + os.sep) else a
+                          for a in cmd[start:]]
+
+
 def run_measured(cmd: list[str], log_lines: int = 40, env: dict | None = None) -> dict[str, Any]:
     """Run ``cmd``, echoing its output; its wall time, peak RSS (KiB, from /usr/bin/time -v or getrusage)."""
     with tempfile.NamedTemporaryFile("r", suffix=".rss", delete=False) as f:
@@ -445,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         how = "already there" if info["cached"] else f"written in {info['write_seconds']:.1f} s"
         print(f"   {info['parameters']:,} parameters, {info['shards']} shard(s), "
               f"{info['bytes_on_disk'] / 2**30:.2f} GiB on disk ({how})", flush=True)
-        row: dict[str, Any] = {"layers": n, "mesh": mesh, "devices": args.devices, "checkpoint": info}
+        # recorded without this machine's paths: directories by name (relative to the work directory)
+        row: dict[str, Any] = {"layers": n, "mesh": mesh, "devices": args.devices,
+                               "checkpoint": {**info, "directory": ckpt_dir.name}}
         rows.append(row)
         if args.dry_run:
             continue
@@ -458,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         print("   $ " + ("" if env is None else f"XLA_FLAGS='{env['XLA_FLAGS'].strip()}' ") + shlex.join(cmd),
               flush=True)
         run = run_measured(cmd, env=env)
-        row.update(command=cmd, returncode=run["returncode"], wall_seconds=run["wall_seconds"],
+        row.update(command=_portable(cmd, workdir), returncode=run["returncode"], wall_seconds=run["wall_seconds"],
                    peak_rss_gib=None if run["peak_rss_kib"] is None else round(run["peak_rss_kib"] / 2**20, 3))
         report_path = out / "report.json"
         if run["returncode"] == 0 and report_path.is_file():
