@@ -1,7 +1,7 @@
 """The three MoDeGPT module decompositions, as pure functions of arrays.
 
 Nothing here knows about models or files: every function takes weights and calibration statistics and returns
-smaller weights. Conventions (see ``docs/modegpt-method.md``):
+smaller weights. Conventions (see ``docs/method.md``):
 
 * Weights are in ``[in, out]`` orientation (``y = x @ W``). A PyTorch ``Linear.weight`` is the transpose.
 * ``d`` hidden size, ``d_int`` MLP width, ``H`` query heads, ``G`` key/value heads, ``g = H / G`` query heads per

@@ -1,6 +1,6 @@
 """Calibration statistics, accumulated batch by batch on a device mesh.
 
-MoDeGPT needs only a few sums over every calibration token (see docs/modegpt-method.md):
+MoDeGPT needs only a few sums over every calibration token (see docs/method.md):
 
 - ``gram``: ``C = sum x~^T x~`` of the attention input (value-output SVD) and ``C_s = sum A^T A`` of the MLP
   intermediate (Nystrom ridge leverage scores and the down-projection refit).
