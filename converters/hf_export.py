@@ -125,7 +125,10 @@ def export_config(config: ModelConfig | Transformer, base_hf_config: dict[str, A
     cfg = config
     if base_hf_config.get("model_type") == "modegpt":  # compressing an export again: start from its base
         base_hf_config = base_hf_config["base_config"]
-    base = {k: v for k, v in base_hf_config.items() if k not in ("quantization_config", "auto_map", "architectures")}
+    # Keys with a leading underscore are loader bookkeeping (``_name_or_path`` is the directory or file the source
+    # was read from on the machine that wrote the export), not part of the model.
+    base = {k: v for k, v in base_hf_config.items()
+            if k not in ("quantization_config", "auto_map", "architectures") and not k.startswith("_")}
     base["dtype"] = str(np.dtype(dtype))
     width = _stock_width(cfg)
     if width is not None and cfg.o_bias == config_from_hf(base_hf_config).o_bias:

@@ -109,6 +109,20 @@ def test_mlp_only_compression_exports_the_stock_architecture(tmp_path):
     np.testing.assert_allclose(logits, np.asarray(model(tokens)), atol=1e-4, rtol=0)
 
 
+def test_exported_config_names_no_path_of_the_source(tmp_path):
+    hf_model = make_hf_model("llama_gqa_untied")
+    ckpt = HFCheckpoint(save_hf_model(hf_model, tmp_path / "dense"))
+    base = {**ckpt.hf_config, "_name_or_path": str(tmp_path / "dense"), "_commit_hash": None}
+    model = ckpt.load_model()
+    for specs in (None, [LayerSpec(48, 8, 8) for _ in ckpt.config.layers]):  # stock, then remote-code config
+        if specs is not None:
+            model, _ = compress(ckpt, calibration(), equal_split(ratio=0.3), layer_specs=specs, progress=False)
+        out = save_model(model, tmp_path / f"export-{specs is None}", base_hf_config=base)
+        text = (out / "config.json").read_text()
+        assert str(tmp_path) not in text and "_name_or_path" not in text
+        assert json.loads(text)["model_type"] == ("llama" if specs is None else "modegpt")
+
+
 @pytest.mark.real_model
 def test_embedded_smollm2_export_loads_generates_and_matches(smollm2, tmp_path):
     from converters.hf_export import save_model as save
