@@ -34,20 +34,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from converters.name_maps import NAME_MAPS, hf_name
 from modegpt_jax.errors import UserError
 from modegpt_jax.config import ModelConfig
-from modegpt_jax.families import config_from_hf
+from modegpt_jax.families import config_from_hf, family, hf_name
 from modegpt_jax.model import Transformer
 from modegpt_jax.rope import kept_pair_frequencies
 from modegpt_jax.staging import array_key, block_file
 from modegpt_jax.stats import to_host
 
 REMOTE_CODE = Path(__file__).parent / "remote_code"
-STOCK_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM",
-}
-
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json",
@@ -85,7 +80,7 @@ def _param_entry(name: str, transpose: bool, shape: Sequence[int], dtype: Any,
 
 def model_entries(model: Transformer) -> list[TensorEntry]:
     """The parameters of a model in memory as lazily loaded entries, in NNX state order."""
-    name_map = NAME_MAPS[model.config.model_type]
+    name_map = family(model.config.model_type).names
     entries = []
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transpose = hf_name(name_map, tuple(path))
@@ -132,8 +127,8 @@ def export_config(config: ModelConfig | Transformer, base_hf_config: dict[str, A
     base["dtype"] = str(np.dtype(dtype))
     width = _stock_width(cfg)
     if width is not None and cfg.o_bias == config_from_hf(base_hf_config).o_bias:
-        key = "ffn_dim" if cfg.model_type == "opt" else "intermediate_size"
-        return {**base, key: width, "architectures": [STOCK_ARCHITECTURES[cfg.model_type]]}
+        record = family(cfg.model_type)
+        return {**base, record.width_key: width, "architectures": [record.stock_architecture]}
     description = cfg.to_dict()
     for spec, layer in zip(cfg.layers, description["layers"]):
         if cfg.use_rope:
@@ -424,7 +419,7 @@ def staged_entries(shell: Transformer, config: ModelConfig, staging_dir: str | P
     from ``staging_dir/block_{i:05d}.safetensors``; in the order :func:`model_entries` gives for the same model
     in memory. Every block file's header is checked here, before anything is written."""
     dtype = np.dtype(shell.dtype)
-    name_map = NAME_MAPS[config.model_type]
+    name_map = family(config.model_type).names
     # The compressed model's structure, shapes only: its parameter order is the in-memory model's.
     template = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
     params = [(tuple(path), tuple(var.get_value().shape)) for path, var in

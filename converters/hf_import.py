@@ -18,11 +18,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from converters.checkpoint import TensorSource, open_checkpoint
-from converters.name_maps import NAME_MAPS, hf_name
 from converters.resolve import resolve_model
 from modegpt_jax.config import ModelConfig
 from modegpt_jax.errors import UserError
-from modegpt_jax.families import config_from_hf
+from modegpt_jax.families import config_from_hf, family, hf_name
 from modegpt_jax.model import Block, Buffer, Transformer
 from modegpt_jax.rope import kept_pair_frequencies
 from modegpt_jax.sharding import make_sharded, param_sharding
@@ -56,7 +55,7 @@ class HFCheckpoint:
         self.directory = resolve_model(str(spec))
         self.hf_config = read_hf_config(self.directory)
         self.config: ModelConfig = config_from_hf(self.hf_config)
-        self.name_map = NAME_MAPS[self.config.model_type]
+        self.name_map = family(self.config.model_type).names
         self._source: TensorSource | None = None
 
     @property

@@ -67,6 +67,9 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    # Per-head RMSNorm of queries and keys over the head dimension, before RoPE (Qwen3). The norm sees every
+    # channel of a head, so key-query stays whole in such models (qk_dim == head_dim).
+    qk_norm: bool = False
     use_rope: bool = True
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
@@ -113,6 +116,9 @@ class ModelConfig:
                 raise UserError(f"layer {i}: mlp_width={spec.mlp_width} outside (0, {self.intermediate_size}]")
             if not (0 < spec.qk_dim <= self.head_dim) or not (0 < spec.vo_dim <= self.head_dim):
                 raise UserError(f"layer {i}: qk_dim/vo_dim must be in (0, head_dim={self.head_dim}]")
+            if self.qk_norm and spec.qk_dim != self.head_dim:
+                raise UserError(f"layer {i}: qk_dim={spec.qk_dim}: key-query is not compressed in models with "
+                                f"q/k norms (qk_dim must be head_dim={self.head_dim})")
             if spec.rope_pairs is not None:
                 if not self.use_rope:
                     raise UserError(f"layer {i}: rope_pairs given for a model without rotary embeddings")

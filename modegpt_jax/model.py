@@ -101,14 +101,19 @@ class Attention(nnx.Module):
         self.k_proj = Linear(d, G * spec.qk_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d, G * spec.vo_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(H * spec.vo_dim, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        # Per-head q/k RMSNorm (Qwen3), over the whole head: key-query is never compressed in such models.
+        self.q_norm = Norm(cfg.head_dim, kind="rms", eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg.head_dim, kind="rms", eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
         # Frequencies of the kept pairs, gathered once here rather than on every call.
         self.rope_freqs = Buffer(jnp.asarray(kept_pair_frequencies(cfg, spec))) if cfg.use_rope else None
 
     def project_qk(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Pre-RoPE queries [B, T, H, qk] and keys [B, T, G, qk]."""
+        """Pre-RoPE queries [B, T, H, qk] and keys [B, T, G, qk] (after the q/k norms where the model has them)."""
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.qk_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.qk_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k
 
     def mask(self, T: int, attention_mask: jax.Array | None, rows: tuple[int, int] | None = None,
@@ -153,6 +158,9 @@ class Attention(nnx.Module):
             nq, nk = self.num_heads * self.qk_dim, G * self.qk_dim
             q, k, v = y[..., :nq], y[..., nq : nq + nk], y[..., nq + nk : nq + nk + G * self.vo_dim]
             k = k.reshape(B, T, G, self.qk_dim)
+            if self.q_norm is not None:
+                q = self.q_norm(q.reshape(B, T, self.num_heads, self.qk_dim))
+                k = self.k_norm(k)
         v = v.reshape(B, T, G, self.vo_dim)
         q = q.reshape(B, T, G, n, self.qk_dim)
         if self.rope_freqs is not None:

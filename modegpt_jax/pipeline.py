@@ -216,6 +216,8 @@ def plan_layers(dense: ModelConfig, sparsity: np.ndarray, settings: CompressionS
         kw = dict(rope=dense.use_rope, multiple=settings.width_multiple)
         mlp, _, _ = alloc.layer_widths(phi_mlp, dense.intermediate_size, dense.head_dim, **kw)
         _, qk, vo = alloc.layer_widths(phi_attn, dense.intermediate_size, dense.head_dim, **kw)
+        if dense.qk_norm:  # key-query stays whole (see ModelConfig.qk_norm); plan_widths makes up the budget
+            qk = dense.head_dim
         specs.append(LayerSpec(mlp, qk, vo, None, dense.layers[i].sliding_window))
     return specs
 
@@ -283,6 +285,8 @@ def compress_attention(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C: n
         new.o_proj.bias.set_value(b_o)
     if new.rope_freqs is not None:
         new.rope_freqs.set_value(jnp.asarray(kept_pair_frequencies(cfg, spec)))
+    if attn.q_norm is not None:  # key-query is whole in these models: the norms are the dense ones
+        new.q_norm, new.k_norm = attn.q_norm, attn.k_norm
     return new, spec, {"qk_score_dropped": qk_dropped_score(energy_q, energy_k, np.asarray(channels), cfg)}
 
 
@@ -357,6 +361,8 @@ def bucketed_attention(attn: Attention, cfg: ModelConfig, spec: LayerSpec) -> At
         new.o_proj.bias.set_value(attn.o_proj.bias[...])
     if attn.rope_freqs is not None:
         new.rope_freqs.set_value(_param(_zero_pad(attn.rope_freqs[...], 1, qk // 2)))
+    if attn.q_norm is not None:  # only with key-query whole (qk == head_dim): nothing to pad
+        new.q_norm, new.k_norm = attn.q_norm, attn.k_norm
     return new
 
 
@@ -524,7 +530,8 @@ def compress(source: LayerSource | Transformer, tokens: np.ndarray, settings: Co
     memory at once, use :func:`compress_streamed`.
 
     ``layer_specs`` overrides the allocation with explicit per-layer widths (their ``rope_pairs`` are ignored:
-    the CR selection chooses them); ``settings.ratio`` is then only recorded.
+    the CR selection chooses them; so is ``sliding_window``: it is the model's); ``settings.ratio`` is then only
+    recorded.
 
     ``resume_dir``: stage every finished layer there (its block, the hidden states after it; see
     :mod:`modegpt_jax.resume`), and resume from it when it holds an unfinished run of the same configuration;
@@ -572,7 +579,12 @@ def _plan(source, dense, out_cfg, calib, settings, layer_specs, resume, mesh, pr
     if layer_specs is None:
         phi, specs, counts = plan_widths(dense, out_cfg, settings, bi)
     else:
-        specs = [dataclasses.replace(x, rope_pairs=None) for x in layer_specs]
+        if len(layer_specs) != dense.num_layers:
+            raise UserError(f"layer_specs has {len(layer_specs)} entries for a model of {dense.num_layers} layers")
+        # widths only: the kept pairs are chosen per layer, and the attention window belongs to the model
+        specs = [dataclasses.replace(x, rope_pairs=None, sliding_window=d.sliding_window)
+                 for x, d in zip(layer_specs, dense.layers)]
+        out_cfg.with_layers(specs).validate()  # widths the model can take, before any work
         before = sum(block_param_count(dense, x) for x in dense.layers)
         after = [block_param_count(out_cfg, x) for x in specs]
         phi = np.asarray([1.0 - a / block_param_count(dense, d) for a, d in zip(after, dense.layers)])

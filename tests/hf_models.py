@@ -30,6 +30,11 @@ TINY_CONFIGS = {
     "qwen2": ("Qwen2Config", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=True)),
+    # q/k norms, head_dim independent of hidden/heads, biases on q/k/v/o, sliding windows on the upper layer
+    "qwen3": ("Qwen3Config", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, attention_bias=True, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "opt": ("OPTConfig", dict(
         hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64, word_embed_proj_dim=64, do_layer_norm_before=True)),

@@ -67,7 +67,7 @@ def calibration(n=16, length=24):
     return np.random.default_rng(0).integers(0, 128, (n, length)).astype(np.int32)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2", "opt", "mistral_sliding_window"])
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2", "opt", "mistral_sliding_window", "qwen3"])
 def test_compressed_export_loads_in_transformers(name, tmp_path):
     hf = make_hf_model(name)
     ckpt = HFCheckpoint(save_hf_model(hf, tmp_path / "dense"))
@@ -94,18 +94,20 @@ def test_compressed_export_loads_in_transformers(name, tmp_path):
     np.testing.assert_array_equal(np.asarray(HFCheckpoint(out).load_model()(tokens)), np.asarray(model(tokens)))
 
 
-def test_mlp_only_compression_exports_the_stock_architecture(tmp_path):
-    ckpt = HFCheckpoint(save_hf_model(make_hf_model("llama_gqa_untied"), tmp_path / "dense"))
+@pytest.mark.parametrize("name, model_type, cls", [("llama_gqa_untied", "llama", "LlamaForCausalLM"),
+                                                   ("qwen3", "qwen3", "Qwen3ForCausalLM")])
+def test_mlp_only_compression_exports_the_stock_architecture(tmp_path, name, model_type, cls):
+    ckpt = HFCheckpoint(save_hf_model(make_hf_model(name), tmp_path / "dense"))
     cfg = ckpt.config
     specs = [LayerSpec(48, cfg.head_dim, cfg.head_dim) for _ in cfg.layers]
     model, _ = compress(ckpt, calibration(), equal_split(ratio=0.3), layer_specs=specs, progress=False)
     out = save_model(model, tmp_path / "export", base_hf_config=ckpt.hf_config)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["intermediate_size"] == 48
+    assert config["model_type"] == model_type and config["intermediate_size"] == 48
     assert not (out / "modeling_modegpt.py").exists()
     tokens = np.random.default_rng(2).integers(0, 128, (2, 9))
     result, logits = load_in_clean_process(out, tokens, tmp_path)
-    assert result["class"] == "LlamaForCausalLM"
+    assert result["class"] == cls
     np.testing.assert_allclose(logits, np.asarray(model(tokens)), atol=1e-4, rtol=0)
 
 

@@ -22,10 +22,9 @@ from converters import hf_export
 from converters.hf_export import (
     export_config, hf_state_dict, model_entries, save_model, save_staged_model, staged_entries, write_safetensors_file,
 )
-from converters.name_maps import NAME_MAPS, hf_name
 from modegpt_jax.config import LayerSpec, ModelConfig
 from modegpt_jax.errors import UserError
-from modegpt_jax.families import config_from_hf
+from modegpt_jax.families import config_from_hf, family, hf_name
 from modegpt_jax.model import Block, Buffer, Transformer
 from modegpt_jax.rope import kept_pair_frequencies
 from tests.hf_models import TINY_CONFIGS, VOCAB
@@ -108,7 +107,7 @@ def assert_same_directory(a: Path, b: Path) -> None:
 def reference_weights(model: Transformer, max_shard_bytes: int) -> dict[str, bytes]:
     """The weight files as the export wrote them before it streamed (its code then, verbatim in substance): the
     whole state dict in memory, cut into shards in order, safetensors.numpy.save_file per shard."""
-    name_map = NAME_MAPS[model.config.model_type]
+    name_map = family(model.config.model_type).names
     tensors = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transpose = hf_name(name_map, tuple(path))

@@ -27,6 +27,16 @@ def test_logits_match_transformers(name, tmp_path):
     assert count_params(model) == sum(p.numel() for p in hf.parameters())
 
 
+def test_every_family_has_a_tiny_model_under_test():
+    """A family module is not finished without a tiny model in ``TINY_CONFIGS`` (parity, pipeline, export)."""
+    import transformers
+
+    from modegpt_jax.families import FAMILIES
+
+    tested = {getattr(transformers, cls_name).model_type for cls_name, _ in TINY_CONFIGS.values()}
+    assert set(FAMILIES) <= tested, sorted(set(FAMILIES) - tested)
+
+
 def test_padding_mask_matches_transformers(tmp_path):
     hf = make_hf_model("opt")
     model = load_model(save_hf_model(hf, tmp_path / "opt"))

@@ -13,7 +13,7 @@ from modegpt_jax.errors import UserError
 from modegpt_jax.pipeline import CompressionSettings, compress
 from tests.hf_models import make_hf_model, save_hf_model
 
-FAMILIES = ["llama_gqa_untied", "qwen2", "opt", "llama_attention_bias"]
+FAMILIES = ["llama_gqa_untied", "qwen2", "opt", "llama_attention_bias", "qwen3"]
 
 
 def equal_split(**kwargs):
@@ -92,6 +92,24 @@ def test_uniform_allocation_gives_every_layer_the_same_widths(checkpoints):
     widths = {(lay["mlp_width"], lay["qk_dim"], lay["vo_dim"]) for lay in report["layers"]}
     assert len(widths) == 1
     assert all(lay["block_influence"] is None for lay in report["layers"])
+
+
+def test_qk_norm_family_keeps_key_query_whole_and_still_reaches_the_ratio(checkpoints):
+    ckpt = checkpoints["qwen3"]
+    cfg = ckpt.config
+    assert cfg.qk_norm and cfg.head_dim == 24 != cfg.hidden_size // cfg.num_heads
+    model, report = compress(ckpt, calibration(), equal_split(ratio=0.3), progress=False)
+    assert report["achieved_block_ratio"] >= 0.3
+    for layer, spec in zip(report["layers"], model.config.layers):
+        assert layer["qk_dim"] == spec.qk_dim == cfg.head_dim and spec.rope_pairs is None
+    assert any(layer["vo_dim"] < cfg.head_dim for layer in report["layers"])  # value-output is compressed
+    dense = ckpt.load_model()
+    for new, old in zip(model.layers, dense.layers):  # the q/k norms and projections are the dense ones
+        np.testing.assert_array_equal(np.asarray(new.attn.q_norm.weight[...]), np.asarray(old.attn.q_norm.weight[...]))
+        np.testing.assert_array_equal(np.asarray(new.attn.k_proj.kernel[...]), np.asarray(old.attn.k_proj.kernel[...]))
+    with pytest.raises(UserError, match="key-query is not compressed in models with q/k norms"):
+        compress(ckpt, calibration(), equal_split(ratio=0.3), progress=False,
+                 layer_specs=[LayerSpec(48, 12, 12) for _ in cfg.layers])
 
 
 def test_in_memory_model_gives_the_same_result_as_streaming(checkpoints):

@@ -3,8 +3,8 @@
 Shipped inside every exported model directory; it imports only torch and transformers. Each block has its own
 widths: MLP width, kept query/key channels per head (RoPE pairs kept whole, each rotating at its *original*
 frequency, per KV group), and value/output width. The softmax scale is that of the original head dimension.
-Module and parameter names are those of the base family (Llama/Mistral/Qwen2 or OPT), so the tensors keep their
-usual Hugging Face names.
+Module and parameter names are those of the base family (Llama/Mistral/Qwen2/Qwen3 or OPT), so the tensors keep
+their usual Hugging Face names.
 """
 
 from __future__ import annotations
@@ -116,6 +116,9 @@ class Attention(nn.Module):
         setattr(self, names[2], nn.Linear(d, G * self.qk, bias=cfg["qkv_bias"]))
         setattr(self, names[3], nn.Linear(d, G * self.vo, bias=cfg["qkv_bias"]))
         setattr(self, names[4], nn.Linear(H * self.vo, d, bias=cfg["o_bias"]))
+        # Per-head RMSNorm of queries and keys before RoPE (Qwen3); key-query is whole in such models.
+        self.q_norm = RMSNorm(self.qk, cfg["norm_eps"]) if cfg.get("qk_norm") else None
+        self.k_norm = RMSNorm(self.qk, cfg["norm_eps"]) if cfg.get("qk_norm") else None
 
     def forward(self, x, rope, mask, cache):
         """``rope``: this layer's (cos, signed sin) [B, G, T, qk] from RopeTables, or None; ``mask``: additive
@@ -126,8 +129,12 @@ class Attention(nn.Module):
         # as it is, instead of repeating its keys and values for every query head on every step.
         # Looked up on every call, not cached: quantisation and adapters (PEFT) replace these modules in place.
         q_lin, k_lin, v_lin, o_lin = (getattr(self, name) for name in self.names[1:5])
-        q = q_lin(x).view(B, T, G, n, self.qk).permute(0, 2, 3, 1, 4)
-        k = k_lin(x).view(B, T, G, self.qk).transpose(1, 2)
+        q = q_lin(x).view(B, T, G, n, self.qk)
+        k = k_lin(x).view(B, T, G, self.qk)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.permute(0, 2, 3, 1, 4)
+        k = k.transpose(1, 2)
         v = v_lin(x).view(B, T, G, self.vo).transpose(1, 2)
         if rope is not None:
             cos, sin = rope

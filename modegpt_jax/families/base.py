@@ -1,0 +1,154 @@
+"""What a family record holds, and the pieces that several families share (RoPE fields, the Llama-style config,
+the Llama tensor names)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from modegpt_jax.config import LayerSpec, ModelConfig
+from modegpt_jax.errors import UserError
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+    """Hugging Face <-> modegpt-jax parameter names. Our parameter paths are the NNX state paths of
+    :class:`modegpt_jax.model.Transformer` (e.g. ``layers.3.attn.q_proj.kernel``); the same table serves import
+    and export. ``kernel`` leaves are ``[in, out]`` here and ``[out, in]`` (``nn.Linear.weight``) in PyTorch,
+    so they are transposed on the way."""
+
+    layer_prefix: str  # Hugging Face prefix of block i, with {i}
+    layer_modules: dict[str, str]  # our module path inside a block -> HF module path inside a layer
+    top: dict[str, str]  # our top-level module or parameter -> HF name (module, or tensor for bare params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Everything the project knows about one Hugging Face ``model_type``.
+
+    ``config`` turns a ``config.json`` dict into a :class:`ModelConfig` and refuses, with a :class:`UserError`
+    that says why, the variants the decoder does not implement. ``names`` maps tensor names both ways.
+    ``stock_architecture`` is the ``transformers`` class an export keeps when the compressed shapes still fit it
+    (one MLP width for every layer, attention untouched), with the MLP width under ``width_key``; other exports
+    use the remote-code model shipped with them (``converters/remote_code``), which reads everything it needs
+    (norms, biases, q/k norms, windows) from the exported description, not from the family's name."""
+
+    model_type: str
+    config: Callable[[dict[str, Any]], ModelConfig]
+    names: NameMap
+    stock_architecture: str
+    width_key: str = "intermediate_size"
+
+
+def hf_name(name_map: NameMap, path: tuple) -> tuple[str, bool]:
+    """(Hugging Face tensor name, transpose?) for one of our parameter paths."""
+    parts = [str(p) for p in path]
+    if parts[0] == "layers":
+        module, leaf = ".".join(parts[2:-1]), parts[-1]
+        prefix = name_map.layer_prefix.format(i=parts[1])
+        return f"{prefix}{name_map.layer_modules[module]}.{_LEAF[leaf]}", leaf == "kernel"
+    if len(parts) == 1:  # a bare parameter such as the embedding table
+        return name_map.top[parts[0]], False
+    module, leaf = ".".join(parts[:-1]), parts[-1]
+    return f"{name_map.top[module]}.{_LEAF[leaf]}", leaf == "kernel"
+
+
+_LEAF = {"kernel": "weight", "weight": "weight", "bias": "bias"}
+
+LLAMA_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.o_proj": "self_attn.o_proj",
+    "mlp_norm": "post_attention_layernorm",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.up_proj",
+    "mlp.down_proj": "mlp.down_proj",
+}
+
+LLAMA_NAMES = NameMap(
+    layer_prefix="model.layers.{i}.",
+    layer_modules=LLAMA_LAYER,
+    top={"embed_tokens": "model.embed_tokens.weight", "final_norm": "model.norm", "lm_head": "lm_head"},
+)
+
+
+def rope_fields(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Rotary parameters from either the transformers v5 ``rope_parameters`` or the older fields."""
+    params = hf.get("rope_parameters") or {}
+    legacy = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    merged = {**legacy, **params}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UserError(
+            f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    if merged.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError("partial_rotary_factor != 1 is not supported")
+    if rope_type == "default":
+        return float(theta), None
+    scaling = {k: v for k, v in merged.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = rope_type
+    if rope_type == "llama3":
+        scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        for key in ("factor", "low_freq_factor", "high_freq_factor"):
+            if key not in scaling:
+                raise UserError(f"llama3 rope scaling needs {key!r} in the configuration")
+    return float(theta), scaling
+
+
+def head_dim(hf: dict[str, Any]) -> int:
+    return int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
+
+
+def layer_windows(hf: dict[str, Any]) -> list[int | None]:
+    """Sliding window of every layer from ``layer_types`` or, in older configs, ``use_sliding_window`` with
+    ``max_window_layers`` (Qwen2, Qwen3): ``None`` for full attention."""
+    n = int(hf["num_hidden_layers"])
+    layer_types = hf.get("layer_types")
+    if layer_types is None and hf.get("use_sliding_window"):
+        start = int(hf.get("max_window_layers", n))
+        layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(n)]
+    if layer_types is None:
+        return [None] * n
+    return [hf.get("sliding_window") if t == "sliding_attention" else None for t in layer_types]
+
+
+def llama_like(hf: dict[str, Any], *, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
+               windows: list[int | None], qk_norm: bool = False) -> ModelConfig:
+    """A pre-RMSNorm decoder with a gated MLP and RoPE (Llama, Mistral, Qwen2, Qwen3)."""
+    theta, scaling = rope_fields(hf)
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
+        raise UserError(f"activation {act!r} is not supported")
+    dh = head_dim(hf)
+    d_int = int(hf["intermediate_size"])
+    return ModelConfig(
+        model_type=hf["model_type"],
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        num_heads=int(hf["num_attention_heads"]),
+        num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+        head_dim=dh,
+        intermediate_size=d_int,
+        layers=tuple(LayerSpec(d_int, dh, dh, None, w) for w in windows),
+        norm="rms",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        activation=act,
+        gated_mlp=True,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        qk_norm=qk_norm,
+        use_rope=True,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+    )
