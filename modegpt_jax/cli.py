@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import re
 import sys
 import time
 from pathlib import Path
@@ -66,15 +66,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(path: str, overwrite: bool) -> Path:
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output {out} exists and is not empty: choose another directory or pass --overwrite")
-    return out
-
-
 def _init_distributed(args: argparse.Namespace) -> None:
     if args.coordinator is None:
         return
@@ -96,15 +87,11 @@ def _init_distributed(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    import jax
-
-    from converters.hf_export import model_card, save_staged_model
-    from converters.hf_import import HFCheckpoint
     from modegpt_jax import run_config
-    from modegpt_jax.calibration import calibration_windows
     from modegpt_jax.mesh import make_mesh
-    from modegpt_jax.pipeline import CompressionSettings, compress_streamed
-    from modegpt_jax.report import plots, summary_table
+    from modegpt_jax.pipeline import CompressionSettings
+    from modegpt_jax.report import summary_table
+    from modegpt_jax.run import RunSettings, check_output, compress_checkpoint
 
     for name in ("ratio", "output"):
         if getattr(args, name) is None:
@@ -117,58 +104,28 @@ def cmd_compress(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, activation_dtype=args.activation_dtype, matmul_precision=args.matmul_precision,
         activations_on_host={"auto": None, "on": True, "off": False}[args.activations_on_host], **tuned,
     )
+    run = RunSettings(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                      seed=args.seed, dtype=args.dtype, eval_perplexity=args.eval_perplexity,
+                      eval_max_windows=args.eval_max_windows)
     settings.validate()
+    run.validate()
     for name in ("allocation_eps", "max_sparsity", "bi_samples", "attention_scale"):  # saved as the values used
         setattr(args, name, getattr(settings, name))
-    out = _check_output(args.output, args.overwrite)
+    check_output(args.output, args.overwrite)  # before anything starts
     _init_distributed(args)
-    mesh = make_mesh(args.mesh)
-    start = time.perf_counter()
-    checkpoint = HFCheckpoint(args.model, dtype=args.dtype)
-    tokenizer = checkpoint.load_tokenizer()
-    t = time.perf_counter()
-    windows = calibration_windows(tokenizer, args.calib_data, args.calib_samples, args.calib_seqlen, args.seed)
-    # Every process draws the same windows (same seed) and keeps its own share of the rows.
-    windows = windows[jax.process_index() :: jax.process_count()]
-    calib_seconds = time.perf_counter() - t
-    # Finished blocks are staged beside the output, one file per layer, and the output is assembled from them;
-    # a killed run resumes from the last finished layer.
-    resume_dir = out.parent / f".{out.name}.resume"
-    result = compress_streamed(checkpoint, windows, settings, resume_dir, mesh=mesh)
-    report = result.report
-    report["timings_seconds"]["calibration_data"] = round(calib_seconds, 3)
-    report["model"] = args.model
-    report["calibration"].update(source=args.calib_data, seed=args.seed)
     config = run_config.resolved_config(args, exclude=("overwrite", "coordinator", "num_processes", "process_id"))
-    report["versions"] = config["versions"]
-    if jax.process_index() == 0:
-        if args.eval_perplexity:
-            t = time.perf_counter()
-            report["perplexity"] = _perplexity_before_after(checkpoint, result.load_model(), tokenizer, args)
-            report["timings_seconds"]["perplexity"] = round(time.perf_counter() - t, 3)
-        report["timings_seconds"]["wall"] = round(time.perf_counter() - start, 3)
-        extra = {"report.json": json.dumps(report, indent=2) + "\n", "README.md": model_card(report),
-                 "run_config.yaml": run_config.dump(config)}
-        extra.update({f"plots/{name}": png for name, png in plots(report).items()})
-        save_staged_model(out, shell=result.shell, config=result.config, staging_dir=resume_dir,
-                          base_hf_config=checkpoint.hf_config, tokenizer_dir=checkpoint.directory,
-                          extra_files=extra, modegpt_info={"method": "MoDeGPT", "target_ratio": args.ratio})
-        shutil.rmtree(resume_dir, ignore_errors=True)
+    report = compress_checkpoint(args.model, args.output, settings, run, mesh=make_mesh(args.mesh),
+                                 overwrite=args.overwrite, run_config=config)
+    if jax_process_index() == 0:
         print(summary_table(report))
-        print(f"written to {out} (model, report.json, run_config.yaml, plots/)")
+        print(f"written to {args.output} (model, report.json, run_config.yaml, plots/)")
     return 0
 
 
-def _perplexity_before_after(checkpoint, model, tokenizer, args: argparse.Namespace) -> dict:
-    """Held-out perplexity of the dense and the compressed model on the same windows."""
-    from modegpt_jax.perplexity import perplexity, token_windows, tokenize
-    from modegpt_jax.wikipedia import embedded_text
+def jax_process_index() -> int:
+    import jax
 
-    windows = token_windows(tokenize(tokenizer, embedded_text("heldout")), args.calib_seqlen, args.eval_max_windows)
-    compressed = perplexity(model, windows, progress=True)
-    dense = perplexity(checkpoint.load_model(args.dtype), windows, progress=True)
-    return {"text": "embedded:wikipedia/heldout", "windows": compressed["windows"], "seqlen": compressed["seqlen"],
-            "dense": dense["perplexity"], "compressed": compressed["perplexity"]}
+    return jax.process_index()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -315,13 +272,23 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) 
     return args
 
 
+def flag_message(error: UserError) -> str:
+    """The error's message with the library arguments it names written as their command-line flags (the first
+    mention of each, which comes before any value or path the message quotes)."""
+    message = str(error)
+    for name in error.arguments:
+        message = re.sub(rf"(?<![\w\-/.]){re.escape(name)}(?![\w\-/.])", "--" + name.replace("_", "-"), message,
+                         count=1)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = _apply_config_file(parser, argv)
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {flag_message(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -317,6 +317,16 @@ def _nystrom_refit(C: jax.Array, w_down: jax.Array, order: jax.Array, delta: jax
     return kept, _refit_rows(w_down, kept, correction)
 
 
+# A factorisation of one panel gains nothing from separate steps: small matrices run each kernel as one compiled
+# call (the same code under one jit), which compiles once per width bucket instead of once per step.
+_leverage_order_one_call = jax.jit(_leverage_order)
+_nystrom_refit_one_call = jax.jit(_nystrom_refit, static_argnames=("slots",))
+
+
+def _one_call(n: int) -> bool:
+    return len(cholesky.panel_bounds(n)) == 1
+
+
 def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, *,
                 w_gate: jax.Array | None = None, b_up: jax.Array | None = None,
                 alpha: float = DEFAULT_LEVERAGE_ALPHA, delta: float | None = None,
@@ -371,11 +381,13 @@ def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, 
         # largest buffer of a wide MLP: 1 GB at width 11008); the kernels cast what they use.
         wide = cdt == jnp.float64 and np.dtype(getattr(C_s, "dtype", np.float64)) == np.float64
         C_c = _placed(C_s, jnp.float64 if wide else jnp.float32)
-        order = _leverage_order(C_c, _placed(alpha, cdt))  # the ranking does not depend on the refit's ridge
+        rank, refit = ((_leverage_order_one_call, _nystrom_refit_one_call) if _one_call(d_int)
+                       else (_leverage_order, _nystrom_refit))
+        order = rank(C_c, _placed(alpha, cdt))  # the ranking does not depend on the refit's ridge
         w_c = _placed(w_down)  # cast to the compute dtype inside the refit, not kept as a second copy
         kept, w_d = _with_growing_ridge(
             "nystrom_mlp",
-            lambda r: _nystrom_refit(C_c, w_c, order, _placed(r, cdt), _placed(width, jnp.int32), slots),
+            lambda r: refit(C_c, w_c, order, _placed(r, cdt), _placed(width, jnp.int32), slots=slots),
             _ridge(delta, cdt),
         )
         # Everything sized by the width is cut and gathered on the host: an eager JAX op would compile once per

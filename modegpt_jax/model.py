@@ -144,7 +144,7 @@ class Attention(nnx.Module):
         Returns the output and the updated cache. The cache widths ``qk' >= qk_dim`` and ``vo' >= vo_dim`` may
         be padded with zero channels (which change no score and no output) so its rows stay aligned.
         ``qkv``: optionally the q/k/v kernels (and biases) concatenated ``[d, (H + G) qk + G vo (+ zero
-        columns)]``, one product instead of three (see :func:`modegpt_jax.generate.decode_weights`).
+        columns)]``, one product instead of three (see :func:`modegpt_jax.decoding.decode_weights`).
         """
         B, T, _ = x.shape
         G, n = self.num_kv_heads, self.num_heads // self.num_kv_heads
@@ -270,7 +270,7 @@ class Block(nnx.Module):
     def extend(self, h: jax.Array, positions: jax.Array, keys: jax.Array, values: jax.Array, start: jax.Array,
                key_mask: jax.Array, fused: dict | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The block on new tokens with a KV cache (see :meth:`Attention.attend_cached`). ``fused``: optionally
-        this block's decoding layout from :func:`modegpt_jax.generate.decode_weights`: ``{"qkv": (kernel,
+        this block's decoding layout from :func:`modegpt_jax.decoding.decode_weights`: ``{"qkv": (kernel,
         bias), "mlp_in": (kernel, bias), "mlp_down": kernel}``, the MLP's gate and up kernels side by side
         (or up alone) and the down kernel, all zero-padded to a common intermediate width."""
         if fused is None:

@@ -31,13 +31,13 @@ def tokenize(tokenizer: Any, text: str) -> np.ndarray:
 def token_windows(tokens: np.ndarray, seqlen: int, max_windows: int | None = None) -> np.ndarray:
     """Non-overlapping windows [N, seqlen]; a trailing partial window is dropped."""
     if seqlen < 2:
-        raise UserError(f"--seqlen must be at least 2, got {seqlen}")
+        raise UserError(f"seqlen must be at least 2, got {seqlen}", argument="seqlen")
     n = len(tokens) // seqlen
     if n == 0:
         raise UserError(f"the text has {len(tokens)} tokens, fewer than one window of {seqlen}: give more text")
     if max_windows is not None:
         if max_windows < 1:
-            raise UserError(f"--max-windows must be at least 1, got {max_windows}")
+            raise UserError(f"max_windows must be at least 1, got {max_windows}", argument="max_windows")
         n = min(n, max_windows)
     return tokens[: n * seqlen].reshape(n, seqlen)
 

@@ -78,19 +78,22 @@ class CompressionSettings:
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
-            raise UserError(f"--ratio must be in (0, 1), got {self.ratio}")
+            raise UserError(f"ratio must be in (0, 1), got {self.ratio}", argument="ratio")
         if self.allocation not in ("bi", "uniform"):
-            raise UserError(f"--allocation must be 'bi' or 'uniform', got {self.allocation!r}")
+            raise UserError(f"allocation must be 'bi' or 'uniform', got {self.allocation!r}", argument="allocation")
         if self.ratio > self.max_sparsity:
-            raise UserError(f"--ratio {self.ratio} exceeds the maximum per-layer sparsity {self.max_sparsity}")
+            raise UserError(f"ratio {self.ratio} exceeds the maximum per-layer sparsity max_sparsity "
+                            f"{self.max_sparsity}", argument=("ratio", "max_sparsity"))
         if self.attention_scale < 0:
-            raise UserError(f"--attention-scale must be >= 0, got {self.attention_scale}")
+            raise UserError(f"attention_scale must be >= 0, got {self.attention_scale}", argument="attention_scale")
         if self.activation_dtype not in ("float32", "bfloat16"):
-            raise UserError(f"--activation-dtype must be float32 or bfloat16, got {self.activation_dtype!r}")
+            raise UserError(f"activation_dtype must be float32 or bfloat16, got {self.activation_dtype!r}",
+                            argument="activation_dtype")
         if self.matmul_precision not in ("highest", "default"):
-            raise UserError(f"--matmul-precision must be highest or default, got {self.matmul_precision!r}")
+            raise UserError(f"matmul_precision must be highest or default, got {self.matmul_precision!r}",
+                            argument="matmul_precision")
         if self.batch_size < 1:
-            raise UserError(f"batch size must be at least 1, got {self.batch_size}")
+            raise UserError(f"batch_size must be at least 1, got {self.batch_size}", argument="batch_size")
 
 
 class LayerSource(Protocol):

@@ -95,6 +95,22 @@ def resolved_config(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> 
     return {**options, "versions": versions()}
 
 
+def settings_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A ``run_config.yaml`` mapping for a run started from Python: the given values (``model``, ``output`` and
+    the fields of the compression and run settings) under ``modegpt compress``'s option names, those the command
+    has, plus the library versions; so the saved file reproduces the run from the command line."""
+    from modegpt_jax.cli import build_parser
+
+    parser = build_parser()
+    compress = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["compress"]
+    dests = {a.dest for a in compress._actions if a.option_strings} - {"help", "config"}
+    values = dict(values)
+    if "activations_on_host" in values:  # the command spells None/True/False as auto/on/off
+        values["activations_on_host"] = {None: "auto", True: "on", False: "off"}[values["activations_on_host"]]
+    options = {k.replace("_", "-"): v for k, v in values.items() if k in dests}
+    return {**options, "versions": versions()}
+
+
 def dump(config: dict[str, Any]) -> str:
     header = "# Resolved configuration of this run; `modegpt compress --config <this file>` reads it back.\n"
     return header + yaml.safe_dump(config, sort_keys=False)

@@ -1,6 +1,6 @@
 """Prefill and decode throughput of a dense model and its compressed version, in JAX and in PyTorch.
 
-Both frameworks decode greedily through a KV cache: JAX with :mod:`modegpt_jax.generate` (jitted prefill, then the
+Both frameworks decode greedily through a KV cache: JAX with :mod:`modegpt_jax.decoding` (jitted prefill, then the
 decode loop in one jitted call), PyTorch through the exported Hugging Face directory (the dense model as its stock
 ``transformers`` class, the compressed one through its ``modeling_modegpt.py``) with a manual loop over
 ``past_key_values`` under ``torch.inference_mode``. Both models get the same prompt tokens; each measurement is
@@ -42,14 +42,14 @@ class BenchSettings:
 
     def validate(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise UserError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
+            raise UserError(f"batch_sizes must be positive integers, got {self.batch_sizes}", argument="batch_sizes")
         if self.prompt_len < 1 or self.new_tokens < 1:
-            raise UserError("--prompt-len and --new-tokens must be at least 1")
+            raise UserError("prompt_len and new_tokens must be at least 1", argument=("prompt_len", "new_tokens"))
         if self.repeats < 1:
-            raise UserError("--repeats must be at least 1")
+            raise UserError("repeats must be at least 1", argument="repeats")
         unknown = set(self.frameworks) - set(FRAMEWORKS)
         if unknown or not self.frameworks:
-            raise UserError(f"--frameworks must be a comma-separated subset of {','.join(FRAMEWORKS)}")
+            raise UserError(f"frameworks must be a comma-separated subset of {','.join(FRAMEWORKS)}", argument="frameworks")
 
 
 def prompt_tokens(tokenizer, batch: int, prompt_len: int, seed: int = 0) -> np.ndarray:
@@ -69,7 +69,7 @@ def jax_runner(model) -> Callable[[np.ndarray, int], tuple[float, float, np.ndar
     import jax
     import jax.numpy as jnp
 
-    from modegpt_jax.generate import CachedDecoder
+    from modegpt_jax.decoding import CachedDecoder
 
     decoder = CachedDecoder(model)  # split once: no per-call Python work on the model inside the timings
 
@@ -142,25 +142,17 @@ def compressed_model(dense: str, compressed: str | None, ratio: float | None,
         raise UserError("give either --compressed DIR (an export of modegpt compress) or --ratio R")
     if compressed is not None:
         if not Path(compressed).expanduser().exists():
-            raise UserError(f"--compressed {compressed}: no such directory")
+            raise UserError(f"compressed {compressed}: no such directory", argument="compressed")
         yield compressed
         return
-    from converters.hf_export import save_model
-    from converters.hf_import import HFCheckpoint
-    from modegpt_jax.calibration import calibration_windows
-    from modegpt_jax.pipeline import CompressionSettings, compress
+    from modegpt_jax.pipeline import CompressionSettings
+    from modegpt_jax.run import compress_checkpoint
 
-    settings = CompressionSettings(ratio=ratio)
-    settings.validate()
-    checkpoint = HFCheckpoint(dense)
-    windows = calibration_windows(checkpoint.load_tokenizer(), "wikipedia", 64, 512, 0)
     log(f"compressing {dense} at ratio {ratio} (default settings) ...")
-    model, report = compress(checkpoint, windows, settings, progress=False)
-    log(f"compressed: decoder blocks -{report['achieved_block_ratio']:.1%}")
     with tempfile.TemporaryDirectory(prefix="modegpt-bench-") as tmp:
-        out = save_model(model, Path(tmp) / "compressed", base_hf_config=checkpoint.hf_config,
-                         tokenizer_dir=checkpoint.directory)
-        del model
+        out = Path(tmp) / "compressed"
+        report = compress_checkpoint(dense, out, CompressionSettings(ratio=ratio), progress=False)
+        log(f"compressed: decoder blocks -{report['achieved_block_ratio']:.1%}")
         yield str(out)
 
 

@@ -115,7 +115,7 @@ def make_lm(model: str, backend: str = "jax", *, batch_size: int = 16, dtype: st
     from converters.hf_import import HFCheckpoint
 
     if backend not in BACKENDS:
-        raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise UserError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}", argument="backend")
     checkpoint = HFCheckpoint(model)
     if backend == "jax":
         return JaxLM(checkpoint.load_model(dtype), checkpoint.load_tokenizer(), batch_size=batch_size,
@@ -124,8 +124,8 @@ def make_lm(model: str, backend: str = "jax", *, batch_size: int = 16, dtype: st
         import torch
         from lm_eval.models.huggingface import HFLM
     except ImportError as e:
-        raise UserError(f"--backend hf needs torch ({e.name} is missing): "
-                        "pip install 'modegpt-jax[torch,eval]'") from None
+        raise UserError(f"backend hf needs torch ({e.name} is missing): "
+                        "pip install 'modegpt-jax[torch,eval]'", argument="backend") from None
     return HFLM(pretrained=str(checkpoint.directory), dtype=dtype, batch_size=batch_size, trust_remote_code=True,
                 device="cuda" if torch.cuda.is_available() else "cpu")
 

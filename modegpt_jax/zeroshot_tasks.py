@@ -122,7 +122,8 @@ def load_tasks(names: list[str], task_data: str = "auto") -> list[LoadedTask]:
     from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's reader: resolves `include` and `!function`
 
     if task_data not in TASK_DATA_CHOICES:
-        raise UserError(f"--task-data {task_data!r}: choose one of {', '.join(TASK_DATA_CHOICES)}")
+        raise UserError(f"task_data {task_data!r}: choose one of {', '.join(TASK_DATA_CHOICES)}",
+                        argument="task_data")
     tasks_dir = Path(lm_eval.tasks.__file__).parent
     manager = TaskManager(include_defaults=False)  # no index of lm-eval's ~15k tasks: we load known files
     task_logger = logging.getLogger("lm_eval.api.task")

@@ -125,7 +125,12 @@ def test_leverage_scale_invariant_and_dead_channel_zero():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_nystrom_matches_numpy_reference():
+@pytest.mark.parametrize("min_panel", [None, 13])  # one compiled call; the panel steps (several panels)
+def test_nystrom_matches_numpy_reference(monkeypatch, min_panel):
+    from modegpt_jax import cholesky
+
+    if min_panel is not None:
+        monkeypatch.setattr(cholesky, "MIN_PANEL", min_panel)
     rng = np.random.default_rng(2)
     x, w_up, w_gate, w_down, A = gated_mlp_data(rng)
     C = A.T @ A

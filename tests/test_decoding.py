@@ -1,10 +1,10 @@
-"""KV-cache decoding (modegpt_jax.generate) gives the full forward pass's logits and greedy tokens."""
+"""KV-cache decoding (modegpt_jax.decoding) gives the full forward pass's logits and greedy tokens."""
 
 import numpy as np
 import pytest
 
 from converters.hf_import import HFCheckpoint
-from modegpt_jax.generate import (
+from modegpt_jax.decoding import (
     CachedDecoder,
     decode_step,
     generate,

@@ -1,0 +1,132 @@
+"""One compression run, from a checkpoint to an output directory: what ``modegpt compress``, the notebook, the
+benchmarks and the README's Python example all call.
+
+:func:`compress_checkpoint` resolves the checkpoint, draws the calibration windows (every process the same ones,
+keeping its own share of the rows), compresses streamed from disk with finished layers staged beside the output
+(a killed run resumes from the last finished layer), optionally measures held-out perplexity before and after,
+and writes the model, ``report.json``, ``README.md``, ``run_config.yaml`` and ``plots/`` from process 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from modegpt_jax.errors import UserError
+from modegpt_jax.pipeline import CompressionSettings
+
+__all__ = ["RunSettings", "check_output", "compress_checkpoint", "perplexity_before_after", "resume_dir"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a run does besides the compression itself: where the calibration windows come from, the parameter
+    dtype, and whether held-out perplexity is measured before and after."""
+
+    calib_data: str = "wikipedia"  # the embedded calibration split, a .txt/.jsonl/.parquet file, or a hub dataset
+    calib_samples: int = 64
+    calib_seqlen: int = 512
+    seed: int = 0  # of the calibration windows
+    dtype: str = "float32"  # parameter dtype
+    eval_perplexity: bool = False  # held-out perplexity (embedded text, calib_seqlen windows) before and after
+    eval_max_windows: int | None = None
+
+    def validate(self) -> None:
+        if self.calib_samples < 1 or self.calib_seqlen < 2:
+            raise UserError(f"calib_samples must be >= 1 and calib_seqlen >= 2, got {self.calib_samples} and "
+                            f"{self.calib_seqlen}", argument="calib_samples" if self.calib_samples < 1 else
+                            "calib_seqlen")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}", argument="dtype")
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """The output directory, refused (before any work) when it holds something and ``overwrite`` is off."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory", argument="output")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output {out} exists and is not empty: choose another directory or pass overwrite",
+                        argument=("output", "overwrite"))
+    return out
+
+
+def resume_dir(output: Path) -> Path:
+    """Where finished layers are staged for ``output`` (beside it, removed once the output is written)."""
+    return output.parent / f".{output.name}.resume"
+
+
+def perplexity_before_after(checkpoint, model, tokenizer, seqlen: int, max_windows: int | None,
+                            dtype: str = "float32") -> dict[str, Any]:
+    """Held-out perplexity of the dense and the compressed model on the same windows."""
+    from modegpt_jax.perplexity import perplexity, token_windows, tokenize
+    from modegpt_jax.wikipedia import embedded_text
+
+    windows = token_windows(tokenize(tokenizer, embedded_text("heldout")), seqlen, max_windows)
+    compressed = perplexity(model, windows, progress=True)
+    dense = perplexity(checkpoint.load_model(dtype), windows, progress=True)
+    return {"text": "embedded:wikipedia/heldout", "windows": compressed["windows"], "seqlen": compressed["seqlen"],
+            "dense": dense["perplexity"], "compressed": compressed["perplexity"]}
+
+
+def compress_checkpoint(model: Any, output: str | Path, settings: CompressionSettings,
+                        run: RunSettings = RunSettings(), *, mesh: jax.sharding.Mesh | None = None,
+                        overwrite: bool = False, progress: bool = True,
+                        run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compress ``model`` (a directory, ``.gguf`` file, hub id or embedded name, or an
+    :class:`~converters.hf_import.HFCheckpoint`) and write the result to ``output``; returns the report.
+
+    ``mesh``: as :func:`modegpt_jax.pipeline.compress` (default: every device on ``data``); in a multi-process
+    run every process calls this with the same arguments after ``jax.distributed.initialize()``, and process 0
+    writes. ``run_config``: the options to save as ``run_config.yaml`` (default: the settings given here).
+    """
+    from converters.hf_export import model_card, save_staged_model
+    from converters.hf_import import HFCheckpoint
+    from modegpt_jax import run_config as run_config_file
+    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.mesh import make_mesh
+    from modegpt_jax.pipeline import compress_streamed
+    from modegpt_jax.report import plots
+
+    settings.validate()
+    run.validate()
+    out = check_output(output, overwrite)
+    mesh = mesh if mesh is not None else make_mesh(None)
+    start = time.perf_counter()
+    checkpoint = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model, dtype=run.dtype)
+    tokenizer = checkpoint.load_tokenizer()
+    t = time.perf_counter()
+    windows = calibration_windows(tokenizer, run.calib_data, run.calib_samples, run.calib_seqlen, run.seed)
+    windows = windows[jax.process_index() :: jax.process_count()]  # the same windows everywhere, own rows kept
+    calib_seconds = time.perf_counter() - t
+    staging = resume_dir(out)
+    result = compress_streamed(checkpoint, windows, settings, staging, mesh=mesh, progress=progress)
+    report = result.report
+    report["timings_seconds"]["calibration_data"] = round(calib_seconds, 3)
+    report["model"] = str(model) if not isinstance(model, HFCheckpoint) else str(checkpoint.directory.name)
+    report["calibration"].update(source=run.calib_data, seed=run.seed)
+    if run_config is None:
+        run_config = run_config_file.settings_config({"model": report["model"], "output": str(out),
+                                                      **dataclasses.asdict(settings), **dataclasses.asdict(run)})
+    report["versions"] = run_config.get("versions", {})
+    if jax.process_index() == 0:
+        if run.eval_perplexity:
+            t = time.perf_counter()
+            report["perplexity"] = perplexity_before_after(checkpoint, result.load_model(), tokenizer,
+                                                           run.calib_seqlen, run.eval_max_windows, run.dtype)
+            report["timings_seconds"]["perplexity"] = round(time.perf_counter() - t, 3)
+        report["timings_seconds"]["wall"] = round(time.perf_counter() - start, 3)
+        extra = {"report.json": json.dumps(report, indent=2) + "\n", "README.md": model_card(report),
+                 "run_config.yaml": run_config_file.dump(run_config)}
+        extra.update({f"plots/{name}": png for name, png in plots(report).items()})
+        save_staged_model(out, shell=result.shell, config=result.config, staging_dir=staging,
+                          base_hf_config=checkpoint.hf_config, tokenizer_dir=checkpoint.directory,
+                          extra_files=extra, modegpt_info={"method": "MoDeGPT", "target_ratio": settings.ratio})
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
