@@ -37,7 +37,7 @@ def _forward(args, queue):
     shell = ckpt.load_shell(ckpt.config)
     pos = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), (args.batch_size, tokens.shape[1]))
     posj = shard_batch(pos, mesh)
-    hs = [_embed(shell, shard_batch(tokens[i : i + args.batch_size], mesh), posj)
+    hs = [_embed(shell, shard_batch(tokens[i : i + args.batch_size], mesh), posj, mesh, "float32")
           for i in range(0, len(tokens), args.batch_size)]
     for layer in range(ckpt.config.num_layers):  # streamed, like the pipeline: one block resident
         block = ckpt.load_block(layer)

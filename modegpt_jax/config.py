@@ -60,7 +60,7 @@ class ModelConfig:
     head_dim: int
     intermediate_size: int
     layers: tuple[LayerSpec, ...]
-    norm: str = "rms"  # "rms" or "layer"
+    norm: str = "rms"  # "rms", "rms_offset" (Gemma: weight stored as an offset from 1) or "layer"
     norm_eps: float = 1e-6
     activation: str = "silu"
     gated_mlp: bool = True
@@ -70,6 +70,14 @@ class ModelConfig:
     # Per-head RMSNorm of queries and keys over the head dimension, before RoPE (Qwen3). The norm sees every
     # channel of a head, so key-query stays whole in such models (qk_dim == head_dim).
     qk_norm: bool = False
+    # Norms after the attention and MLP outputs too, before the residual adds (Gemma 3).
+    sandwich_norms: bool = False
+    # Token embeddings multiplied by this (Gemma: sqrt(hidden_size), rounded to the parameter dtype).
+    embed_scale: float | None = None
+    # Softmax scale of the attention scores; None: 1/sqrt(head_dim) (Gemma 3: 1/sqrt(query_pre_attn_scalar)).
+    attn_scale: float | None = None
+    # RoPE base of the sliding-window layers, unscaled; None: the same as the global layers (Gemma 3: 10000).
+    local_rope_theta: float | None = None
     use_rope: bool = True
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None

@@ -60,17 +60,20 @@ class Linear(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """RMSNorm (Llama family) or LayerNorm (OPT), computed in float32 like the reference models."""
+    """RMSNorm (Llama family), RMSNorm with the weight stored as an offset from 1 (Gemma: ``x * (1 + w)``,
+    scaled in float32 before the cast back) or LayerNorm (OPT), computed in float32 like the reference models."""
 
     def __init__(self, d: int, *, kind: str, eps: float, dtype: Any):
         self.kind, self.eps = kind, eps
-        self.weight = nnx.Param(jnp.ones((d,), dtype))
+        self.weight = nnx.Param(jnp.zeros((d,), dtype) if kind == "rms_offset" else jnp.ones((d,), dtype))
         self.bias = nnx.Param(jnp.zeros((d,), dtype)) if kind == "layer" else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
-        if self.kind == "rms":
+        if self.kind in ("rms", "rms_offset"):
             y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+            if self.kind == "rms_offset":
+                return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
             return self.weight[...] * y.astype(x.dtype)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
@@ -95,15 +98,16 @@ class Attention(nnx.Module):
         d, H, G = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
         self.num_heads, self.num_kv_heads = H, G
         self.qk_dim, self.vo_dim = spec.qk_dim, spec.vo_dim
-        self.scale = cfg.head_dim**-0.5  # original head_dim: compression never changes the softmax scale
+        # The dense model's scale: compression never changes it (a compressed qk width is not the head dim).
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
         self.sliding_window = spec.sliding_window
         self.q_proj = Linear(d, H * spec.qk_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.k_proj = Linear(d, G * spec.qk_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d, G * spec.vo_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(H * spec.vo_dim, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         # Per-head q/k RMSNorm (Qwen3), over the whole head: key-query is never compressed in such models.
-        self.q_norm = Norm(cfg.head_dim, kind="rms", eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
-        self.k_norm = Norm(cfg.head_dim, kind="rms", eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.q_norm = Norm(cfg.head_dim, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg.head_dim, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
         # Frequencies of the kept pairs, gathered once here rather than on every call.
         self.rope_freqs = Buffer(jnp.asarray(kept_pair_frequencies(cfg, spec))) if cfg.use_rope else None
 
@@ -255,17 +259,37 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``."""
+    """Pre-norm decoder block: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``; with sandwich norms (Gemma 3)
+    each branch's output is normalised too before it is added: ``h + post(attn(norm(h)))``."""
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, dtype: Any, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype)
+        def norm():
+            return Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype)
+
+        self.attn_norm = norm()
         self.attn = Attention(cfg, spec, dtype=dtype, rngs=rngs)
-        self.mlp_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype)
+        self.attn_post_norm = norm() if cfg.sandwich_norms else None
+        self.mlp_norm = norm()
         self.mlp = MLP(cfg, spec, dtype=dtype, rngs=rngs)
+        self.mlp_post_norm = norm() if cfg.sandwich_norms else None
 
     def __call__(self, h: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        h = h + self.attn(self.attn_norm(h), positions, attention_mask)
-        return h + self.mlp(self.mlp_norm(h))
+        h = h + self.attention_branch(h, positions, attention_mask)
+        return h + self.mlp_branch(h)
+
+    def attention_branch(self, h: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None,
+                         attn: Attention | None = None) -> jax.Array:
+        """What the attention adds to the residual stream (``attn``: another attention in this block's place,
+        e.g. the compressed one)."""
+        return self._post(self.attn_post_norm, (attn or self.attn)(self.attn_norm(h), positions, attention_mask))
+
+    def mlp_branch(self, h: jax.Array, mlp: MLP | None = None) -> jax.Array:
+        """What the MLP adds to the residual stream (``mlp``: another MLP in this block's place)."""
+        return self._post(self.mlp_post_norm, (mlp or self.mlp)(self.mlp_norm(h)))
+
+    @staticmethod
+    def _post(norm: Norm | None, x: jax.Array) -> jax.Array:
+        return x if norm is None else norm(x)
 
     def extend(self, h: jax.Array, positions: jax.Array, keys: jax.Array, values: jax.Array, start: jax.Array,
                key_mask: jax.Array, fused: dict | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -275,11 +299,11 @@ class Block(nnx.Module):
         (or up alone) and the down kernel, all zero-padded to a common intermediate width."""
         if fused is None:
             a, keys, values = self.attn.attend_cached(self.attn_norm(h), positions, keys, values, start, key_mask)
-            h = h + a
-            return h + self.mlp(self.mlp_norm(h)), keys, values
+            h = h + self._post(self.attn_post_norm, a)
+            return h + self.mlp_branch(h), keys, values
         a, keys, values = self.attn.attend_cached(self.attn_norm(h), positions, keys, values, start, key_mask,
                                                   fused["qkv"])
-        h = h + a
+        h = h + self._post(self.attn_post_norm, a)
         kernel, bias = fused["mlp_in"]
         y = self.mlp_norm(h) @ kernel
         if bias is not None:
@@ -293,7 +317,7 @@ class Block(nnx.Module):
         out = y @ fused["mlp_down"]
         if self.mlp.down_proj.bias is not None:
             out = out + self.mlp.down_proj.bias[...]
-        return h + out, keys, values
+        return h + self._post(self.mlp_post_norm, out), keys, values
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -305,6 +329,14 @@ def run_block(block: Block, h: jax.Array, positions: jax.Array, attention_mask: 
     """One block, jitted; compiled once per (block shapes, input shapes)."""
     graphdef, state = nnx.split(block)
     return _run_block(graphdef, state, h, positions, attention_mask)
+
+
+def scale_embeddings(h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Token embeddings times ``cfg.embed_scale`` where the model has one (Gemma: ``sqrt(hidden)``, rounded to the
+    embeddings' dtype first, as the reference model does)."""
+    if cfg.embed_scale is None:
+        return h
+    return h * jnp.asarray(cfg.embed_scale, h.dtype)
 
 
 class Transformer(nnx.Module):
@@ -339,7 +371,7 @@ class Transformer(nnx.Module):
         return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-        h = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        h = scale_embeddings(jnp.take(self.embed_tokens[...], tokens, axis=0), self.config)
         if self.embed_positions is not None:
             h = h + jnp.take(self.embed_positions[...], positions + self.config.position_offset, axis=0)
         return h

@@ -40,7 +40,7 @@ from modegpt_jax.errors import UserError
 from modegpt_jax.activations import HiddenStates, should_park
 from modegpt_jax.mesh import (MODEL, batch_sharding, bytes_per_device, make_mesh, shard_batch, to_compute_device,
                               to_host)
-from modegpt_jax.model import MLP, Attention, Block, Transformer, count_params
+from modegpt_jax.model import MLP, Attention, Block, Transformer, count_params, scale_embeddings
 from modegpt_jax.resume import ResumeState, fingerprint
 from modegpt_jax.rope import kept_pair_frequencies
 
@@ -162,16 +162,17 @@ def _attention_pass(block_def, block_state, attn_def, attn_state, h, positions, 
     """The compressed attention's residual ``h_mid`` (in the hidden states' dtype) and ``C_s`` of the dense MLP
     intermediate on it; the intermediate itself never leaves the step."""
     dense, attn = nnx.merge(block_def, block_state), nnx.merge(attn_def, attn_state)
-    h_mid = _hidden((h + attn(dense.attn_norm(h), positions, None)).astype(h.dtype), mesh)
+    h_mid = _hidden((h + dense.attention_branch(h, positions, None, attn=attn)).astype(h.dtype), mesh)
     return h_mid, _gram(dense.mlp.intermediate(dense.mlp_norm(h_mid)), mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("norm_def", "mlp_def", "mesh"), donate_argnames=("h_mid",))
-def _mlp_pass(norm_def, norm_state, mlp_def, mlp_state, h_mid, *, mesh):
+@functools.partial(jax.jit, static_argnames=("block_def", "mlp_def", "mesh"), donate_argnames=("h_mid",))
+def _mlp_pass(block_def, block_state, mlp_def, mlp_state, h_mid, *, mesh):
     """``h_mid + MLP'(norm(h_mid))`` with the compressed MLP: the block's output, recomputed from ``h_mid`` so
-    no batch's intermediate has to be kept while the MLP statistics are gathered."""
-    norm, mlp = nnx.merge(norm_def, norm_state), nnx.merge(mlp_def, mlp_state)
-    return _hidden((h_mid + mlp(norm(h_mid))).astype(h_mid.dtype), mesh)
+    no batch's intermediate has to be kept while the MLP statistics are gathered. Of the dense block only the
+    norms are used."""
+    block, mlp = nnx.merge(block_def, block_state), nnx.merge(mlp_def, mlp_state)
+    return _hidden((h_mid + block.mlp_branch(h_mid, mlp=mlp)).astype(h_mid.dtype), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("h",))
@@ -181,9 +182,9 @@ def _influence_pass(graphdef, state, h, positions, *, mesh):
     return h_out, stats.cosine_sum(h, h_out, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "dtype"))
-def _embed_arrays(table, position_table, tokens, positions, offset, *, mesh, dtype):
-    h = jnp.take(table, tokens, axis=0)
+@functools.partial(jax.jit, static_argnames=("mesh", "dtype", "cfg"))
+def _embed_arrays(table, position_table, tokens, positions, offset, *, mesh, dtype, cfg):
+    h = scale_embeddings(jnp.take(table, tokens, axis=0), cfg)
     if position_table is not None:
         h = h + jnp.take(position_table, positions + offset, axis=0)
     return _hidden(h.astype(dtype), mesh)
@@ -193,7 +194,7 @@ def _embed(shell: Transformer, tokens, positions, mesh, dtype):
     """Token (and learned position) embeddings; the shell's abstract blocks never enter the jit."""
     pos_table = None if shell.embed_positions is None else shell.embed_positions[...]
     return _embed_arrays(shell.embed_tokens[...], pos_table, tokens, positions, shell.config.position_offset,
-                         mesh=mesh, dtype=jnp.dtype(dtype))
+                         mesh=mesh, dtype=jnp.dtype(dtype), cfg=shell.config)
 
 
 # -- widths ----------------------------------------------------------------------------------------------------
@@ -637,13 +638,13 @@ def _compress_layer(block: Block, hs: HiddenStates, calib: _Calibration, out_cfg
         C_s, block.mlp.down_proj.kernel[...], _zero_pad(kept, 0, slots), padded_mlp.down_proj.kernel[...]))))
     del C_s
 
-    norm_def, norm_state = nnx.split(block.mlp_norm)
     mlp_def, mlp_state = nnx.split(padded_mlp)
     for j in range(len(hs)):
-        hs.set(j, _mlp_pass(norm_def, norm_state, mlp_def, mlp_state, hs.get(j), mesh=mesh))
+        hs.set(j, _mlp_pass(graphdef, state, mlp_def, mlp_state, hs.get(j), mesh=mesh))
 
     new = nnx.eval_shape(lambda: Block(out_cfg, spec, dtype=block.attn_norm.weight.dtype, rngs=nnx.Rngs(0)))
     new.attn_norm, new.mlp_norm, new.attn, new.mlp = block.attn_norm, block.mlp_norm, attn, mlp
+    new.attn_post_norm, new.mlp_post_norm = block.attn_post_norm, block.mlp_post_norm
     return new, spec, errors, device_bytes
 
 

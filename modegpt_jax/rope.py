@@ -16,12 +16,15 @@ import numpy as np
 from modegpt_jax.config import LayerSpec, ModelConfig
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """``inv_freq`` [head_dim/2] in float32, including ``llama3`` and ``linear`` scaling."""
+def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """``inv_freq`` [head_dim/2] in float32, including ``llama3`` and ``linear`` scaling; ``local``: of a
+    sliding-window layer in a model whose local layers have their own, unscaled base (Gemma 3)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    local = local and cfg.local_rope_theta is not None
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     inv_freq = inv_freq.astype(np.float32)
-    scaling = cfg.rope_scaling
+    scaling = None if local else cfg.rope_scaling
     if scaling is None:
         return inv_freq
     if scaling["rope_type"] == "linear":
@@ -41,7 +44,7 @@ def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 def kept_pair_frequencies(cfg: ModelConfig, spec: LayerSpec) -> np.ndarray:
     """Per-KV-group frequencies [G, qk_dim/2] of a layer's kept pairs (all pairs for a dense layer)."""
-    inv_freq = inverse_frequencies(cfg)
+    inv_freq = inverse_frequencies(cfg, local=spec.sliding_window is not None)
     if spec.rope_pairs is None:
         return np.ascontiguousarray(np.broadcast_to(inv_freq, (cfg.num_kv_heads, cfg.head_dim // 2)))
     return inv_freq[np.asarray(spec.rope_pairs, dtype=np.int64)]

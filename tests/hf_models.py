@@ -35,6 +35,14 @@ TINY_CONFIGS = {
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=24, attention_bias=True, tie_word_embeddings=False,
         use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    # Gemma 3: offset norms, sandwich norms, q/k norms, scaled embeddings, GeGLU, query_pre_attn_scalar, local
+    # layers (window 5, own RoPE base) between global ones with linear RoPE scaling
+    "gemma3": ("Gemma3TextConfig", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
     "opt": ("OPTConfig", dict(
         hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64, word_embed_proj_dim=64, do_layer_norm_before=True)),

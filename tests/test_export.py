@@ -67,7 +67,7 @@ def calibration(n=16, length=24):
     return np.random.default_rng(0).integers(0, 128, (n, length)).astype(np.int32)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2", "opt", "mistral_sliding_window", "qwen3"])
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2", "opt", "mistral_sliding_window", "qwen3", "gemma3"])
 def test_compressed_export_loads_in_transformers(name, tmp_path):
     hf = make_hf_model(name)
     ckpt = HFCheckpoint(save_hf_model(hf, tmp_path / "dense"))
@@ -95,7 +95,8 @@ def test_compressed_export_loads_in_transformers(name, tmp_path):
 
 
 @pytest.mark.parametrize("name, model_type, cls", [("llama_gqa_untied", "llama", "LlamaForCausalLM"),
-                                                   ("qwen3", "qwen3", "Qwen3ForCausalLM")])
+                                                   ("qwen3", "qwen3", "Qwen3ForCausalLM"),
+                                                   ("gemma3", "gemma3_text", "Gemma3ForCausalLM")])
 def test_mlp_only_compression_exports_the_stock_architecture(tmp_path, name, model_type, cls):
     ckpt = HFCheckpoint(save_hf_model(make_hf_model(name), tmp_path / "dense"))
     cfg = ckpt.config

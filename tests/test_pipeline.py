@@ -13,7 +13,7 @@ from modegpt_jax.errors import UserError
 from modegpt_jax.pipeline import CompressionSettings, compress
 from tests.hf_models import make_hf_model, save_hf_model
 
-FAMILIES = ["llama_gqa_untied", "qwen2", "opt", "llama_attention_bias", "qwen3"]
+FAMILIES = ["llama_gqa_untied", "qwen2", "opt", "llama_attention_bias", "qwen3", "gemma3"]
 
 
 def equal_split(**kwargs):
@@ -174,5 +174,5 @@ def test_matmul_precision_reaches_the_calibration_passes(checkpoints, monkeypatc
     compress(checkpoints["opt"], calibration(), equal_split(ratio=0.3, matmul_precision=precision), progress=False)
     assert {name for name, _ in seen} == {"_attention_statistics", "_attention_pass", "_mlp_pass", "_influence_pass"}
     assert {p for _, p in seen} == {precision}
-    with pytest.raises(UserError, match="matmul-precision"):
+    with pytest.raises(UserError, match="matmul_precision"):
         compress(checkpoints["opt"], calibration(), equal_split(ratio=0.3, matmul_precision="fast"), progress=False)

@@ -29,23 +29,31 @@ LLAMA_NAMES = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_
                "gate_proj", "up_proj", "down_proj")
 OPT_NAMES = ("self_attn_layer_norm", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
              None, "fc1", "fc2")
+# Gemma 3: the MLP's input norm is pre_feedforward_layernorm; post_attention_layernorm follows the attention output
+GEMMA3_NAMES = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "pre_feedforward_layernorm",
+                "gate_proj", "up_proj", "down_proj")
+SANDWICH_NAMES = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, d, eps):
+    """RMSNorm; ``offset``: the weight is stored as an offset from 1 and applied in float32 (Gemma)."""
+
+    def __init__(self, d, eps, offset=False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(d) if offset else torch.ones(d))
 
     def forward(self, x):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
 def make_norm(cfg, d):
-    if cfg["norm"] == "rms":
-        return RMSNorm(d, cfg["norm_eps"])
+    if cfg["norm"] in ("rms", "rms_offset"):
+        return RMSNorm(d, cfg["norm_eps"], offset=cfg["norm"] == "rms_offset")
     return nn.LayerNorm(d, eps=cfg["norm_eps"])
 
 
@@ -110,15 +118,16 @@ class Attention(nn.Module):
         d, H, G = cfg["hidden_size"], cfg["num_heads"], cfg["num_kv_heads"]
         self.H, self.G, self.layer_idx = H, G, layer_idx
         self.qk, self.vo = layer["qk_dim"], layer["vo_dim"]
-        self.scale = cfg["head_dim"] ** -0.5  # the original head dim, whatever the kept width
+        # the dense model's scale, whatever the kept width
+        self.scale = cfg.get("attn_scale") or cfg["head_dim"] ** -0.5
         self.names = names
         setattr(self, names[1], nn.Linear(d, H * self.qk, bias=cfg["qkv_bias"]))
         setattr(self, names[2], nn.Linear(d, G * self.qk, bias=cfg["qkv_bias"]))
         setattr(self, names[3], nn.Linear(d, G * self.vo, bias=cfg["qkv_bias"]))
         setattr(self, names[4], nn.Linear(H * self.vo, d, bias=cfg["o_bias"]))
         # Per-head RMSNorm of queries and keys before RoPE (Qwen3); key-query is whole in such models.
-        self.q_norm = RMSNorm(self.qk, cfg["norm_eps"]) if cfg.get("qk_norm") else None
-        self.k_norm = RMSNorm(self.qk, cfg["norm_eps"]) if cfg.get("qk_norm") else None
+        self.q_norm = make_norm(cfg, self.qk) if cfg.get("qk_norm") else None
+        self.k_norm = make_norm(cfg, self.qk) if cfg.get("qk_norm") else None
 
     def forward(self, x, rope, mask, cache):
         """``rope``: this layer's (cos, signed sin) [B, G, T, qk] from RopeTables, or None; ``mask``: additive
@@ -174,8 +183,12 @@ class Block(nn.Module):
     def __init__(self, cfg, layer, layer_idx):
         super().__init__()
         opt = cfg["model_type"] == "opt"
-        names = OPT_NAMES if opt else LLAMA_NAMES
+        names = OPT_NAMES if opt else GEMMA3_NAMES if cfg.get("sandwich_norms") else LLAMA_NAMES
         self.names = names
+        self.sandwich = bool(cfg.get("sandwich_norms"))
+        if self.sandwich:
+            for name in SANDWICH_NAMES:
+                setattr(self, name, make_norm(cfg, cfg["hidden_size"]))
         self.window = layer.get("sliding_window")
         setattr(self, names[0], make_norm(cfg, cfg["hidden_size"]))
         self.self_attn = Attention(cfg, layer, names, layer_idx)
@@ -190,8 +203,10 @@ class Block(nn.Module):
 
     def forward(self, h, rope, masks, cache):
         mask = masks[self.window]
-        h = h + self.self_attn(getattr(self, self.names[0])(h), rope, mask, cache)
-        return h + self._mlp[0](getattr(self, self.names[5])(h))
+        a = self.self_attn(getattr(self, self.names[0])(h), rope, mask, cache)
+        h = h + (getattr(self, SANDWICH_NAMES[0])(a) if self.sandwich else a)
+        m = self._mlp[0](getattr(self, self.names[5])(h))
+        return h + (getattr(self, SANDWICH_NAMES[1])(m) if self.sandwich else m)
 
 
 class Decoder(nn.Module):
@@ -293,6 +308,8 @@ class ModeGPTForCausalLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache(config=self.config)
         dec = self.decoder
         h = dec.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if cfg.get("embed_scale") is not None and inputs_embeds is None:  # Gemma: sqrt(hidden) in the weights' dtype
+            h = h * torch.tensor(cfg["embed_scale"], dtype=h.dtype)
         B, T = h.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:

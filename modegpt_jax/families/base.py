@@ -33,7 +33,8 @@ class Family:
     ``stock_architecture`` is the ``transformers`` class an export keeps when the compressed shapes still fit it
     (one MLP width for every layer, attention untouched), with the MLP width under ``width_key``; other exports
     use the remote-code model shipped with them (``converters/remote_code``), which reads everything it needs
-    (norms, biases, q/k norms, windows) from the exported description, not from the family's name."""
+    (norms, biases, q/k norms, sandwich norms, embedding scale, windows and per-layer RoPE frequencies) from the
+    exported description, not from the family's name."""
 
     model_type: str
     config: Callable[[dict[str, Any]], ModelConfig]
@@ -119,10 +120,10 @@ def layer_windows(hf: dict[str, Any]) -> list[int | None]:
 
 
 def llama_like(hf: dict[str, Any], *, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-               windows: list[int | None], qk_norm: bool = False) -> ModelConfig:
-    """A pre-RMSNorm decoder with a gated MLP and RoPE (Llama, Mistral, Qwen2, Qwen3)."""
+               windows: list[int | None], qk_norm: bool = False, activation: str | None = None) -> ModelConfig:
+    """A pre-RMSNorm decoder with a gated MLP and RoPE (Llama, Mistral, Qwen2, Qwen3; Gemma 3 adds to it)."""
     theta, scaling = rope_fields(hf)
-    act = hf.get("hidden_act", "silu")
+    act = activation or hf.get("hidden_act", "silu")
     if act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
         raise UserError(f"activation {act!r} is not supported")
     dh = head_dim(hf)

@@ -1,0 +1,51 @@
+"""The embedded Gemma 3 270M (``gemma3-270m``, a Q4_K_M GGUF dequantised to float32): the published architecture,
+and logits and perplexity that agree with transformers' PyTorch model."""
+
+import numpy as np
+import pytest
+
+from modegpt_jax.perplexity import tokenize, token_windows
+from modegpt_jax.wikipedia import embedded_text
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    from transformers import AutoModelForCausalLM
+
+    from converters.hf_import import HFCheckpoint
+
+    ckpt = HFCheckpoint("gemma3-270m")
+    hf = AutoModelForCausalLM.from_pretrained(ckpt.directory, dtype=torch.float32).eval()
+    return ckpt, ckpt.load_model(), hf, ckpt.load_tokenizer()
+
+
+def test_config_is_the_published_architecture(gemma3):
+    cfg = gemma3[0].config
+    assert (cfg.model_type, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == ("gemma3_text", 18, 640, 2048)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (4, 1, 256, 262144)
+    # five local (sliding-window, RoPE base 10000) layers, then one global (base 1e6), repeated
+    assert [s.sliding_window for s in cfg.layers[:6]] == [512] * 5 + [None]
+    assert (cfg.local_rope_theta, cfg.rope_theta, cfg.attn_scale) == (10000.0, 1_000_000.0, 256**-0.5)
+    assert cfg.norm == "rms_offset" and cfg.sandwich_norms and cfg.qk_norm and cfg.tie_word_embeddings
+
+
+def test_logits_and_perplexity_match_transformers(gemma3):
+    _, ours, hf, tok = gemma3
+    text = "The Eiffel Tower was completed in 1889 and remains one of the most visited monuments in Paris."
+    ids = np.asarray([tok(text)["input_ids"]])
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(ids)), ref, atol=1e-3, rtol=0)
+    assert np.mean(np.argmax(ref[0, :-1], -1) == ids[0, 1:]) > 0.2  # a language model, not noise
+
+    windows = token_windows(tokenize(tok, embedded_text("heldout")), 128, 2)  # 2 held-out windows of 128
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.as_tensor(windows)).logits.double(), -1).numpy()
+    mine = np.asarray(ours(windows), np.float64)
+    top = mine.max(-1, keepdims=True)
+    mine = mine - top - np.log(np.exp(mine - top).sum(-1, keepdims=True))
+    nll = [-np.take_along_axis(lp[:, :-1], windows[:, 1:, None], -1).mean() for lp in (mine, ref)]
+    assert abs(np.exp(nll[0]) / np.exp(nll[1]) - 1) < 1e-3, nll
