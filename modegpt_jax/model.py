@@ -116,9 +116,13 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.qk_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.qk_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q, k
+        return self._norm_qk(q, k)
+
+    def _norm_qk(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The per-head q/k norms where the model has them (queries [..., H, qk], keys [..., G, qk])."""
+        if self.q_norm is None:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
 
     def mask(self, T: int, attention_mask: jax.Array | None, rows: tuple[int, int] | None = None,
              cols: tuple[int, int] | None = None) -> jax.Array:
@@ -161,10 +165,7 @@ class Attention(nnx.Module):
                 y = y + qkv[1]
             nq, nk = self.num_heads * self.qk_dim, G * self.qk_dim
             q, k, v = y[..., :nq], y[..., nq : nq + nk], y[..., nq + nk : nq + nk + G * self.vo_dim]
-            k = k.reshape(B, T, G, self.qk_dim)
-            if self.q_norm is not None:
-                q = self.q_norm(q.reshape(B, T, self.num_heads, self.qk_dim))
-                k = self.k_norm(k)
+            q, k = self._norm_qk(q.reshape(B, T, self.num_heads, self.qk_dim), k.reshape(B, T, G, self.qk_dim))
         v = v.reshape(B, T, G, self.vo_dim)
         q = q.reshape(B, T, G, n, self.qk_dim)
         if self.rope_freqs is not None:

@@ -1,5 +1,5 @@
-"""One compression run, from a checkpoint to an output directory: what ``modegpt compress``, the notebook, the
-benchmarks and the README's Python example all call.
+"""One compression run, from a checkpoint to an output directory: what ``modegpt compress``, ``modegpt bench``
+(``--ratio``) and the README's one-call Python example run.
 
 :func:`compress_checkpoint` resolves the checkpoint, draws the calibration windows (every process the same ones,
 keeping its own share of the rows), compresses streamed from disk with finished layers staged beside the output

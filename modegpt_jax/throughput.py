@@ -49,7 +49,8 @@ class BenchSettings:
             raise UserError("repeats must be at least 1", argument="repeats")
         unknown = set(self.frameworks) - set(FRAMEWORKS)
         if unknown or not self.frameworks:
-            raise UserError(f"frameworks must be a comma-separated subset of {','.join(FRAMEWORKS)}", argument="frameworks")
+            raise UserError(f"frameworks must be a comma-separated subset of {','.join(FRAMEWORKS)}",
+                            argument="frameworks")
 
 
 def prompt_tokens(tokenizer, batch: int, prompt_len: int, seed: int = 0) -> np.ndarray:

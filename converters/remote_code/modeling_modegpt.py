@@ -3,8 +3,8 @@
 Shipped inside every exported model directory; it imports only torch and transformers. Each block has its own
 widths: MLP width, kept query/key channels per head (RoPE pairs kept whole, each rotating at its *original*
 frequency, per KV group), and value/output width. The softmax scale is that of the original head dimension.
-Module and parameter names are those of the base family (Llama/Mistral/Qwen2/Qwen3 or OPT), so the tensors keep
-their usual Hugging Face names.
+Module and parameter names are those of the base family (Llama/Mistral/Qwen2/Qwen3, Gemma 3 or OPT), so the
+tensors keep their usual Hugging Face names.
 """
 
 from __future__ import annotations
