@@ -89,6 +89,35 @@ def model_entries(model: Transformer) -> list[TensorEntry]:
     return entries
 
 
+def _concatenated(loads: Sequence[Callable[[], np.ndarray]]) -> np.ndarray:
+    return np.concatenate([load() for load in loads], axis=0)
+
+
+def fuse_entries(entries: Sequence[TensorEntry], config: ModelConfig) -> list[TensorEntry]:
+    """``entries`` with the projections that the family's stock checkpoints store as one tensor (Phi-3's
+    ``qkv_proj``, ``gate_up_proj``; :attr:`Family.fused`) joined along the output dimension, each fused entry
+    where its first part was; unchanged for families without fused tensors."""
+    record = family(config.model_type)
+    if record.fused is None:
+        return list(entries)
+    by_name = {e.name: e for e in entries}
+    joined: dict[str, TensorEntry] = {}  # first part's name -> fused entry
+    dropped: set[str] = set()
+    for i, spec in enumerate(config.layers):
+        prefix = record.names.layer_prefix.format(i=i)
+        for module, parts in record.fused(config, spec).items():
+            for leaf in ("weight", "bias"):
+                names = [f"{prefix}{part}.{leaf}" for part, _ in parts]
+                if not any(n in by_name for n in names):
+                    continue
+                members = [by_name[n] for n in names]  # a part missing here is a bug: KeyError
+                shape = (sum(e.shape[0] for e in members), *members[0].shape[1:])
+                joined[names[0]] = TensorEntry(f"{prefix}{module}.{leaf}", shape, members[0].dtype,
+                                               functools.partial(_concatenated, [e.load for e in members]))
+                dropped.update(names[1:])
+    return [joined.get(e.name, e) for e in entries if e.name not in dropped]
+
+
 def hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
     """Our parameters under Hugging Face names, PyTorch orientation, as host arrays."""
     return {e.name: np.ascontiguousarray(e.load()) for e in model_entries(model)}
@@ -463,8 +492,10 @@ def _save(out_dir: str | Path, entries: Sequence[TensorEntry], config: ModelConf
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
-        write_safetensors(entries, tmp, max_shard_bytes)
         hf_config = export_config(config, base_hf_config, modegpt_info, dtype=dtype)
+        if hf_config["model_type"] != "modegpt":  # a stock architecture: its checkpoints' tensor layout
+            entries = fuse_entries(entries, config)
+        write_safetensors(entries, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if hf_config["model_type"] == "modegpt":
             for src in REMOTE_CODE.glob("*_modegpt.py"):

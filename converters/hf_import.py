@@ -57,6 +57,7 @@ class HFCheckpoint:
         self.config: ModelConfig = config_from_hf(self.hf_config)
         self.name_map = family(self.config.model_type).names
         self._source: TensorSource | None = None
+        self._fused: dict[str, tuple[np.ndarray, set[str]]] = {}  # fused tensors whose parts are still to be read
 
     @property
     def source(self) -> TensorSource:
@@ -69,15 +70,7 @@ class HFCheckpoint:
         """Our parameter at ``path``, read from the checkpoint, transposed and cast; with ``mesh``, placed on it
         with :func:`modegpt_jax.sharding.param_spec`'s sharding, each device taking its slice of the host copy."""
         name, transpose = hf_name(self.name_map, path)
-        source = self.source
-        if name not in self._names and name.removeprefix("model.") in self._names:
-            name = name.removeprefix("model.")  # some checkpoints (OPT on the hub) omit the prefix
-        if name not in self._names:
-            raise UserError(
-                f"checkpoint {self.directory} lacks the tensor {name!r} "
-                f"(is it really a {self.config.model_type} checkpoint?)"
-            )
-        array = source.get(name)
+        array = self._read(name, path)
         if transpose:
             array = array.T
         if tuple(array.shape) != tuple(shape):
@@ -87,6 +80,49 @@ class HFCheckpoint:
         if mesh is not None:
             return make_sharded(array.shape, dtype, param_sharding(mesh, path, array.shape), lambda i: array[i])
         return jnp.asarray(np.ascontiguousarray(array), dtype=dtype)
+
+    def _read(self, name: str, path: tuple) -> np.ndarray:
+        """The checkpoint's tensor ``name`` (of our parameter ``path``), cut out of a fused tensor if the family
+        stores it in one (:attr:`Family.fused`); a fused tensor is read once for all its parts."""
+        source = self.source
+        if name not in self._names and name.removeprefix("model.") in self._names:
+            name = name.removeprefix("model.")  # some checkpoints (OPT on the hub) omit the prefix
+        if name in self._names:
+            return source.get(name)
+        part = self._fused_part(name, path)
+        if part is None:
+            raise UserError(
+                f"checkpoint {self.directory} lacks the tensor {name!r} "
+                f"(is it really a {self.config.model_type} checkpoint?)"
+            )
+        fused_name, begin, end, total, parts = part
+        if fused_name not in self._fused:
+            self._fused[fused_name] = (source.get(fused_name), set(parts))
+        array, pending = self._fused[fused_name]
+        if array.shape[0] != total:
+            raise UserError(f"tensor {fused_name!r} has {array.shape[0]} rows, the configuration implies {total}")
+        pending.discard(name)
+        if not pending:  # every part taken: let the fused tensor go
+            del self._fused[fused_name]
+        return array[begin:end]
+
+    def _fused_part(self, name: str, path: tuple) -> tuple[str, int, int, int, list[str]] | None:
+        """(fused tensor, first row, end row, its rows, the names of all its parts) of ``name``, if the family
+        fuses it and the checkpoint holds the fused tensor."""
+        record = family(self.config.model_type)
+        if record.fused is None or path[0] != "layers":
+            return None
+        layer = int(path[1])
+        prefix = self.name_map.layer_prefix.format(i=layer)
+        for module, parts in record.fused(self.config, self.config.layers[layer]).items():
+            leaf = name.rsplit(".", 1)[1]
+            names = [f"{prefix}{part}.{leaf}" for part, _ in parts]
+            fused_name = f"{prefix}{module}.{leaf}"
+            if name in names and fused_name in self._names:
+                k = names.index(name)
+                begin = sum(rows for _, rows in parts[:k])
+                return fused_name, begin, begin + parts[k][1], sum(rows for _, rows in parts), names
+        return None
 
     def fill(self, module: nnx.Module, prefix: tuple = (), *, skip_layers: bool = False,
              mesh: Mesh | None = None) -> None:

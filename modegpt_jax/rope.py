@@ -17,7 +17,7 @@ from modegpt_jax.config import LayerSpec, ModelConfig
 
 
 def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
-    """``inv_freq`` [head_dim/2] in float32, including ``llama3`` and ``linear`` scaling; ``local``: of a
+    """``inv_freq`` [head_dim/2] in float32, including ``llama3``, ``linear`` and ``longrope`` scaling; ``local``: of a
     sliding-window layer in a model whose local layers have their own, unscaled base (Gemma 3)."""
     dim = cfg.head_dim
     local = local and cfg.local_rope_theta is not None
@@ -29,6 +29,9 @@ def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
         return inv_freq
     if scaling["rope_type"] == "linear":
         return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if scaling["rope_type"] == "longrope":  # the short factors; attention_factor is in ModelConfig.attn_scale
+        ramp = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+        return (1.0 / (np.asarray(scaling["short_factor"], np.float32) * np.float32(theta) ** ramp)).astype(np.float32)
     # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]

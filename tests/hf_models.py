@@ -43,6 +43,18 @@ TINY_CONFIGS = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+    # Phi-3: fused qkv_proj and gate_up_proj in the checkpoint, a sliding window on every layer
+    "phi3": ("Phi3Config", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Phi-3 long-context: LongRoPE short factors and attention factor (sequences within the original length)
+    "phi3_longrope": ("Phi3Config", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, original_max_position_embeddings=32,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                             short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.1],
+                             long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]))),
     "opt": ("OPTConfig", dict(
         hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64, word_embed_proj_dim=64, do_layer_norm_before=True)),

@@ -22,7 +22,8 @@ def calibration(n=16, length=24):
     return np.random.default_rng(0).integers(0, 128, (n, length)).astype(np.int32)
 
 
-@pytest.fixture(scope="module", params=["llama_gqa_untied", "opt", "mistral_sliding_window", "qwen3", "gemma3"])
+@pytest.fixture(scope="module", params=["llama_gqa_untied", "opt", "mistral_sliding_window", "qwen3", "gemma3",
+                                        "phi3_longrope"])
 def compressed(request, tmp_path_factory):
     """A tiny random model compressed at 0.3, so its layers have different, odd widths."""
     root = tmp_path_factory.mktemp(request.param)

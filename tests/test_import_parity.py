@@ -95,3 +95,32 @@ def test_config_round_trips_through_json(tmp_path):
 
     again = ModelConfig.from_dict(json.loads(cfg.to_json()))
     assert again == cfg and hash(again) == hash(cfg)
+
+
+def test_phi3_legacy_su_scaling_reads_as_longrope_and_partial_rotary_is_refused():
+    from modegpt_jax.errors import UserError
+    from modegpt_jax.families import config_from_hf
+
+    hf = make_hf_model("phi3_longrope").config.to_dict()
+    longrope = config_from_hf(hf)
+    legacy = {k: v for k, v in hf.items() if k != "rope_parameters"}
+    legacy["rope_scaling"] = {**{k: v for k, v in hf["rope_parameters"].items() if k != "rope_type"}, "type": "su"}
+    assert config_from_hf(legacy) == longrope
+    assert longrope.max_position_embeddings == 32 and longrope.attn_scale > 16**-0.5
+    with pytest.raises(UserError, match="partial_rotary_factor"):
+        config_from_hf({**hf, "rope_parameters": {**hf["rope_parameters"], "partial_rotary_factor": 0.75}})
+
+
+def test_fused_tensor_of_the_wrong_size_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from modegpt_jax.errors import UserError
+
+    directory = save_hf_model(make_hf_model("phi3"), tmp_path / "phi3")
+    tensors = load_file(directory / "model.safetensors")
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    assert name in tensors and "model.layers.1.self_attn.q_proj.weight" not in tensors
+    tensors[name] = tensors[name][:-8]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="qkv_proj.weight' has 120 rows, the configuration implies 128"):
+        load_model(directory)

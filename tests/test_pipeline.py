@@ -13,7 +13,7 @@ from modegpt_jax.errors import UserError
 from modegpt_jax.pipeline import CompressionSettings, compress
 from tests.hf_models import make_hf_model, save_hf_model
 
-FAMILIES = ["llama_gqa_untied", "qwen2", "opt", "llama_attention_bias", "qwen3", "gemma3"]
+FAMILIES = ["llama_gqa_untied", "qwen2", "opt", "llama_attention_bias", "qwen3", "gemma3", "phi3"]
 
 
 def equal_split(**kwargs):

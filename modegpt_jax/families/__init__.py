@@ -12,13 +12,13 @@ from typing import Any
 
 from modegpt_jax.config import ModelConfig
 from modegpt_jax.errors import UserError
-from modegpt_jax.families import gemma3, llama, mistral, opt, qwen2, qwen3
+from modegpt_jax.families import gemma3, llama, mistral, opt, phi3, qwen2, qwen3
 from modegpt_jax.families.base import SUPPORTED_ROPE_TYPES, Family, NameMap, hf_name
 
 __all__ = ["FAMILIES", "SUPPORTED_ROPE_TYPES", "Family", "NameMap", "config_from_hf", "family", "hf_name"]
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
-                                                          gemma3.FAMILY, opt.FAMILY)}
+                                                          gemma3.FAMILY, phi3.FAMILY, opt.FAMILY)}
 
 
 def family(model_type: str | None) -> Family:

@@ -4,12 +4,13 @@ the Llama tensor names)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from modegpt_jax.config import LayerSpec, ModelConfig
 from modegpt_jax.errors import UserError
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,10 @@ class Family:
     names: NameMap
     stock_architecture: str
     width_key: str = "intermediate_size"
+    # Checkpoints that store several of a layer's projections as one tensor (Phi-3's ``qkv_proj``): for a layer's
+    # configuration, each fused module inside a layer -> its parts (the modules ``names`` gives), in order along
+    # the output dimension, with their output sizes. Import splits them; a stock export fuses them again.
+    fused: Callable[[ModelConfig, LayerSpec], dict[str, tuple[tuple[str, int], ...]]] | None = None
 
 
 def hf_name(name_map: NameMap, path: tuple) -> tuple[str, bool]:
@@ -99,7 +104,31 @@ def rope_fields(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         for key in ("factor", "low_freq_factor", "high_freq_factor"):
             if key not in scaling:
                 raise UserError(f"llama3 rope scaling needs {key!r} in the configuration")
+    if rope_type == "longrope":
+        scaling = _longrope(hf, scaling, head_dim(hf))
     return float(theta), scaling
+
+
+def _longrope(hf: dict[str, Any], scaling: dict[str, Any], dh: int) -> dict[str, Any]:
+    """LongRoPE (Phi-3's ``longrope``, formerly ``su``), as ``transformers`` computes it: pair ``p`` rotates at
+    ``inv_freq[p] / short_factor[p]``, and cos/sin are multiplied by ``attention_factor``, which scales the
+    attention scores by its square (folded into :attr:`ModelConfig.attn_scale` by :func:`llama_like`).
+
+    ``transformers`` switches to ``long_factor`` once a sequence passes ``original_max_position_embeddings``;
+    this decoder keeps the short factors, so a model's usable length is that original length (set as its
+    ``max_position_embeddings``)."""
+    original = scaling.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+    if original is None:
+        raise UserError("longrope scaling needs 'original_max_position_embeddings' in the configuration")
+    for key in ("short_factor", "long_factor"):
+        if len(scaling.get(key) or ()) != dh // 2:
+            raise UserError(f"longrope scaling needs {key!r}: a list of head_dim/2 = {dh // 2} numbers")
+    factor = scaling.get("factor") or hf["max_position_embeddings"] / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    return {"rope_type": "longrope", "short_factor": [float(x) for x in scaling["short_factor"]],
+            "original_max_position_embeddings": int(original), "attention_factor": float(attention_factor)}
 
 
 def head_dim(hf: dict[str, Any]) -> int:
@@ -128,6 +157,7 @@ def llama_like(hf: dict[str, Any], *, qkv_bias: bool, o_bias: bool, mlp_bias: bo
         raise UserError(f"activation {act!r} is not supported")
     dh = head_dim(hf)
     d_int = int(hf["intermediate_size"])
+    longrope = scaling if scaling is not None and scaling["rope_type"] == "longrope" else None
     return ModelConfig(
         model_type=hf["model_type"],
         vocab_size=int(hf["vocab_size"]),
@@ -148,8 +178,10 @@ def llama_like(hf: dict[str, Any], *, qkv_bias: bool, o_bias: bool, mlp_bias: bo
         use_rope=True,
         rope_theta=theta,
         rope_scaling=scaling,
+        attn_scale=None if longrope is None else longrope["attention_factor"] ** 2 / math.sqrt(dh),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048) if longrope is None
+                                    else longrope["original_max_position_embeddings"]),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
     )
