@@ -2,6 +2,7 @@
 
     python benchmarks/tune.py [--ratio 0.3] [--calib-samples 64] [--calib-seqlen 512] [--val-windows 40]
                               [--grid eps=0.05,0.1,0.2 alpha=0.1,1] [--json benchmarks/results/tune.json]
+    python benchmarks/tune.py --model gemma3-270m --grid qkn=whole,corrected --json benchmarks/results/qk_norm.json
 
 Calibration windows come from the embedded calibration split; perplexity is measured on the embedded validation
 split (articles disjoint from both the calibration windows' articles and the held-out articles).
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 KEYS = {"eps": "allocation_eps", "alpha": "leverage_alpha", "max": "max_sparsity", "alloc": "allocation",
-        "att": "attention_scale"}
+        "att": "attention_scale", "qkn": "qk_norm_mode"}
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--val-windows", type=int, default=40)
     parser.add_argument("--grid", nargs="*", default=["eps=0.05,0.1,0.2"],
-                        help="NAME=v1,v2 with NAME in eps, alpha, max, alloc, att")
+                        help="NAME=v1,v2 with NAME in eps, alpha, max, alloc, att, qkn (qk_norm_mode)")
     parser.add_argument("--json", default="benchmarks/results/tune.json")
     args = parser.parse_args()
 
@@ -44,7 +45,7 @@ def main() -> None:
     axes = []
     for item in args.grid:
         name, values = item.split("=")
-        axes.append([(KEYS[name], v if name == "alloc" else float(v)) for v in values.split(",")])
+        axes.append([(KEYS[name], v if name in ("alloc", "qkn") else float(v)) for v in values.split(",")])
     results = []
     dense_ppl = perplexity(ckpt.load_model(), val, progress=False)["perplexity"]
     print(f"dense validation perplexity {dense_ppl:.3f}", flush=True)

@@ -104,6 +104,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     settings = CompressionSettings(
         ratio=args.ratio, allocation=args.allocation, width_multiple=args.width_multiple,
         batch_size=args.batch_size, activation_dtype=args.activation_dtype, matmul_precision=args.matmul_precision,
+        qk_norm_mode=args.qk_norm_mode,
         activations_on_host={"auto": None, "on": True, "off": False}[args.activations_on_host], **tuned,
     )
     run = RunSettings(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--attention-scale", type=float, default=None,
                     help="key-query and value-output lose this times the layer's sparsity, the MLP the rest "
                          f"(1 = the paper's equal split; default: {defaults.attention_scale})")
+    co.add_argument("--qk-norm-mode", default=defaults.qk_norm_mode, choices=["whole", "corrected"],
+                    help="key-query in models with q/k norms (Qwen3, Gemma 3): whole (not compressed) or corrected "
+                         "(kept pairs, normalised over the kept channels with a fitted per-head gain; default: "
+                         f"{defaults.qk_norm_mode})")
     co.add_argument("--width-multiple", type=int, default=1, help="round kept widths to a multiple of this")
     co.add_argument("--bi-samples", type=int, default=None,
                     help=f"calibration windows used for block influence (default: {defaults.bi_samples})")

@@ -67,8 +67,9 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    # Per-head RMSNorm of queries and keys over the head dimension, before RoPE (Qwen3). The norm sees every
-    # channel of a head, so key-query stays whole in such models (qk_dim == head_dim).
+    # Per-head RMSNorm of queries and keys over the head dimension, before RoPE (Qwen3, Gemma 3). In a layer whose
+    # key-query is compressed (qk_dim < head_dim) the norm runs over the kept channels, with a weight per head
+    # (``per_head_qk_norm``); see ``modegpt_jax.pipeline.corrected_qk_norms``.
     qk_norm: bool = False
     # Norms after the attention and MLP outputs too, before the residual adds (Gemma 3).
     sandwich_norms: bool = False
@@ -104,6 +105,11 @@ class ModelConfig:
     def is_dense(self) -> bool:
         return all(spec == self.dense_layer(spec.sliding_window) for spec in self.layers)
 
+    def per_head_qk_norm(self, spec: LayerSpec) -> bool:
+        """Whether a layer's q/k norms hold one weight per head (``[H or G, qk_dim]``) instead of one shared
+        ``[head_dim]``: in layers whose key-query is compressed under q/k norms."""
+        return self.qk_norm and spec.qk_dim < self.head_dim
+
     def dense_layer(self, sliding_window: int | None = None) -> LayerSpec:
         return LayerSpec(self.intermediate_size, self.head_dim, self.head_dim, None, sliding_window)
 
@@ -124,9 +130,6 @@ class ModelConfig:
                 raise UserError(f"layer {i}: mlp_width={spec.mlp_width} outside (0, {self.intermediate_size}]")
             if not (0 < spec.qk_dim <= self.head_dim) or not (0 < spec.vo_dim <= self.head_dim):
                 raise UserError(f"layer {i}: qk_dim/vo_dim must be in (0, head_dim={self.head_dim}]")
-            if self.qk_norm and spec.qk_dim != self.head_dim:
-                raise UserError(f"layer {i}: qk_dim={spec.qk_dim}: key-query is not compressed in models with "
-                                f"q/k norms (qk_dim must be head_dim={self.head_dim})")
             if spec.rope_pairs is not None:
                 if not self.use_rope:
                     raise UserError(f"layer {i}: rope_pairs given for a model without rotary embeddings")

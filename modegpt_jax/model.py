@@ -63,10 +63,13 @@ class Norm(nnx.Module):
     """RMSNorm (Llama family), RMSNorm with the weight stored as an offset from 1 (Gemma: ``x * (1 + w)``,
     scaled in float32 before the cast back) or LayerNorm (OPT), computed in float32 like the reference models."""
 
-    def __init__(self, d: int, *, kind: str, eps: float, dtype: Any):
+    def __init__(self, d: int | tuple[int, ...], *, kind: str, eps: float, dtype: Any):
+        """``d``: the normalised size, or a weight shape ``(..., size)`` (one weight per head: ``[H, qk]``)
+        whose leading axes broadcast against the input's axes before the last."""
+        shape = (d,) if isinstance(d, int) else tuple(d)
         self.kind, self.eps = kind, eps
-        self.weight = nnx.Param(jnp.zeros((d,), dtype) if kind == "rms_offset" else jnp.ones((d,), dtype))
-        self.bias = nnx.Param(jnp.zeros((d,), dtype)) if kind == "layer" else None
+        self.weight = nnx.Param(jnp.zeros(shape, dtype) if kind == "rms_offset" else jnp.ones(shape, dtype))
+        self.bias = nnx.Param(jnp.zeros(shape, dtype)) if kind == "layer" else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -105,9 +108,12 @@ class Attention(nnx.Module):
         self.k_proj = Linear(d, G * spec.qk_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d, G * spec.vo_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(H * spec.vo_dim, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
-        # Per-head q/k RMSNorm (Qwen3), over the whole head: key-query is never compressed in such models.
-        self.q_norm = Norm(cfg.head_dim, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
-        self.k_norm = Norm(cfg.head_dim, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        # Per-head q/k RMSNorm (Qwen3, Gemma 3): one weight shared by all heads, or, once key-query is compressed,
+        # one per head over its kept channels.
+        per_head = cfg.per_head_qk_norm(spec)
+        q_shape, k_shape = ((H, spec.qk_dim), (G, spec.qk_dim)) if per_head else (cfg.head_dim, cfg.head_dim)
+        self.q_norm = Norm(q_shape, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = Norm(k_shape, kind=cfg.norm, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
         # Frequencies of the kept pairs, gathered once here rather than on every call.
         self.rope_freqs = Buffer(jnp.asarray(kept_pair_frequencies(cfg, spec))) if cfg.use_rope else None
 

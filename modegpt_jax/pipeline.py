@@ -40,7 +40,7 @@ from modegpt_jax.errors import UserError
 from modegpt_jax.activations import HiddenStates, should_park
 from modegpt_jax.mesh import (MODEL, batch_sharding, bytes_per_device, make_mesh, shard_batch, to_compute_device,
                               to_host)
-from modegpt_jax.model import MLP, Attention, Block, Transformer, count_params, scale_embeddings
+from modegpt_jax.model import MLP, Attention, Block, Norm, Transformer, count_params, scale_embeddings
 from modegpt_jax.resume import ResumeState, fingerprint
 from modegpt_jax.rope import kept_pair_frequencies
 
@@ -75,6 +75,12 @@ class CompressionSettings:
     # Matmuls of the calibration passes: "highest" (float32) or the backend's "default" (a single bfloat16 pass on
     # TPU, TF32 on recent GPUs). The statistics themselves always multiply at HIGHEST and sum in float32.
     matmul_precision: str = "highest"
+    # Key-query in models with per-head q/k norms (Qwen3, Gemma 3), whose norm covers the whole head:
+    # "whole" leaves it uncompressed (its share of the budget goes to value-output and the MLP); "corrected"
+    # keeps the pairs with the most post-norm energy and normalises over the kept channels with a per-head gain
+    # folded into the norm weight (corrected_qk_norms). "whole" won on Gemma 3 270M's validation split at ratio
+    # 0.3 (benchmarks/results/qk_norm.json).
+    qk_norm_mode: str = "whole"
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -94,6 +100,9 @@ class CompressionSettings:
                             argument="matmul_precision")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}", argument="batch_size")
+        if self.qk_norm_mode not in ("whole", "corrected"):
+            raise UserError(f"qk_norm_mode must be whole or corrected, got {self.qk_norm_mode!r}",
+                            argument="qk_norm_mode")
 
 
 class LayerSource(Protocol):
@@ -220,7 +229,7 @@ def plan_layers(dense: ModelConfig, sparsity: np.ndarray, settings: CompressionS
         kw = dict(rope=dense.use_rope, multiple=settings.width_multiple)
         mlp, _, _ = alloc.layer_widths(phi_mlp, dense.intermediate_size, dense.head_dim, **kw)
         _, qk, vo = alloc.layer_widths(phi_attn, dense.intermediate_size, dense.head_dim, **kw)
-        if dense.qk_norm:  # key-query stays whole (see ModelConfig.qk_norm); plan_widths makes up the budget
+        if dense.qk_norm and settings.qk_norm_mode == "whole":  # plan_widths makes up the budget elsewhere
             qk = dense.head_dim
         specs.append(LayerSpec(mlp, qk, vo, None, dense.layers[i].sliding_window))
     return specs
@@ -289,9 +298,42 @@ def compress_attention(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C: n
         new.o_proj.bias.set_value(b_o)
     if new.rope_freqs is not None:
         new.rope_freqs.set_value(jnp.asarray(kept_pair_frequencies(cfg, spec)))
-    if attn.q_norm is not None:  # key-query is whole in these models: the norms are the dense ones
+    if cfg.per_head_qk_norm(spec):
+        q_weight, k_weight = corrected_qk_norms(attn, cfg, np.asarray(channels), energy_q, energy_k)
+        new.q_norm.weight.set_value(jnp.asarray(q_weight, new.q_norm.weight.dtype))
+        new.k_norm.weight.set_value(jnp.asarray(k_weight, new.k_norm.weight.dtype))
+    elif attn.q_norm is not None:  # key-query whole: the dense norms
         new.q_norm, new.k_norm = attn.q_norm, attn.k_norm
     return new, spec, {"qk_score_dropped": qk_dropped_score(energy_q, energy_k, np.asarray(channels), cfg)}
+
+
+def corrected_qk_norms(attn: Attention, cfg: ModelConfig, channels: np.ndarray, energy_q, energy_k
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-head q/k norm weights ``[H, qk]``, ``[G, qk]`` over the kept ``channels [G, qk]`` of each KV group.
+
+    The dense norm divides a head's projection ``x`` by ``r = rms(x)`` over all ``dh`` channels; the compressed
+    head only has its ``k`` kept channels and divides by ``r' = rms(x_kept)``, so each kept channel comes out
+    ``s = r'/r`` times too large. With ``u = x / r`` (the normalised head before its weight),
+    ``s^2 = mean_kept(u^2)``; its calibration mean, ``c^2 = (dh / k) sum_kept E[u_j^2] / sum_all E[u_j^2]``,
+    follows from the post-norm energies ``E[(g_j u_j)^2]`` with the dense gains ``g`` (``1 + w`` for offset
+    norms). The kept channels' gains times ``c`` are the new weights; ``c = 1`` when every channel is kept."""
+    group = cfg.group_size
+    dh = cfg.head_dim
+
+    def weights(norm: Norm, energy, kept: np.ndarray) -> np.ndarray:
+        w = to_host(norm.weight[...]).astype(np.float64)
+        gain = 1.0 + w if cfg.norm == "rms_offset" else w
+        energy = np.asarray(to_host(energy), np.float64)
+        square = gain * gain
+        unit = np.divide(energy, square, out=np.zeros_like(energy), where=square > 1e-12)  # E[u_j^2], up to N
+        total = unit.sum(axis=1)
+        kept_share = np.take_along_axis(unit, kept, axis=1).sum(axis=1) / np.where(total > 0, total, 1.0)
+        c = np.where(total > 0, np.sqrt(kept_share * dh / kept.shape[1]), 1.0)
+        new_gain = gain[kept] * c[:, None]
+        return new_gain - 1.0 if cfg.norm == "rms_offset" else new_gain
+
+    q_channels = np.repeat(channels, group, axis=0)  # query head h belongs to KV group h // group
+    return weights(attn.q_norm, energy_q, q_channels), weights(attn.k_norm, energy_k, channels)
 
 
 def compress_mlp(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C_s: np.ndarray,
@@ -351,11 +393,20 @@ def bucketed_attention(attn: Attention, cfg: ModelConfig, spec: LayerSpec) -> At
         return _zero_pad(x, -1, new_width // halves).reshape(*lead, n * new_width)
 
     halves = 2 if rope else 1
-    for name, n in (("q_proj", H), ("k_proj", G)):
+    # Under per-head q/k norms a zero channel would change the mean square; instead the kept channels' projections
+    # are scaled by a = sqrt(qk / qk_dim) and the norm weights by 1/a: then the padded head's mean square, and
+    # with it the norm's eps term, is the unpadded one's, so every output is unchanged.
+    a = float(np.sqrt(qk / spec.qk_dim)) if cfg.per_head_qk_norm(spec) else 1.0
+    for name, norm, n in (("q_proj", "q_norm", H), ("k_proj", "k_norm", G)):
         src, dst = getattr(attn, name), getattr(new, name)
-        dst.kernel.set_value(_param(heads(src.kernel[...], n, spec.qk_dim, qk, halves)))
+        dst.kernel.set_value(_param(heads(to_host(src.kernel[...]) * a, n, spec.qk_dim, qk, halves)))
         if src.bias is not None:
-            dst.bias.set_value(_param(heads(src.bias[...], n, spec.qk_dim, qk, halves)))
+            dst.bias.set_value(_param(heads(to_host(src.bias[...]) * a, n, spec.qk_dim, qk, halves)))
+        if a != 1.0:
+            w = to_host(getattr(attn, norm).weight[...]).astype(np.float64)
+            w = (1.0 + w) / a - 1.0 if cfg.norm == "rms_offset" else w / a
+            getattr(new, norm).weight.set_value(_param(heads(w.reshape(-1), n, spec.qk_dim, qk, halves).reshape(n, qk)
+                                                       .astype(getattr(attn, norm).weight.dtype)))
     new.v_proj.kernel.set_value(_param(heads(attn.v_proj.kernel[...], G, spec.vo_dim, vo)))
     if attn.v_proj.bias is not None:
         new.v_proj.bias.set_value(_param(heads(attn.v_proj.bias[...], G, spec.vo_dim, vo)))
@@ -365,7 +416,7 @@ def bucketed_attention(attn: Attention, cfg: ModelConfig, spec: LayerSpec) -> At
         new.o_proj.bias.set_value(attn.o_proj.bias[...])
     if attn.rope_freqs is not None:
         new.rope_freqs.set_value(_param(_zero_pad(attn.rope_freqs[...], 1, qk // 2)))
-    if attn.q_norm is not None:  # only with key-query whole (qk == head_dim): nothing to pad
+    if attn.q_norm is not None and a == 1.0:  # shared norms over the whole head (key-query whole)
         new.q_norm, new.k_norm = attn.q_norm, attn.k_norm
     return new
 
@@ -589,6 +640,10 @@ def _plan(source, dense, out_cfg, calib, settings, layer_specs, resume, mesh, pr
         specs = [dataclasses.replace(x, rope_pairs=None, sliding_window=d.sliding_window)
                  for x, d in zip(layer_specs, dense.layers)]
         out_cfg.with_layers(specs).validate()  # widths the model can take, before any work
+        if dense.qk_norm and settings.qk_norm_mode == "whole" and any(x.qk_dim < dense.head_dim for x in specs):
+            raise UserError("layer_specs compress key-query (qk_dim < head_dim) in a model with q/k norms, where "
+                            "qk_norm_mode='whole' keeps it whole: set qk_norm_mode='corrected' or qk_dim = "
+                            f"head_dim = {dense.head_dim}", argument="qk_norm_mode")
         before = sum(block_param_count(dense, x) for x in dense.layers)
         after = [block_param_count(out_cfg, x) for x in specs]
         phi = np.asarray([1.0 - a / block_param_count(dense, d) for a, d in zip(after, dense.layers)])

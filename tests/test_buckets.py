@@ -14,11 +14,13 @@ from modegpt_jax.pipeline import bucketed_attention, bucketed_mlp
 from modegpt_jax.rope import kept_pair_frequencies
 
 
-def config(rope=True, bias=False, gated=True):
+def config(rope=True, bias=False, gated=True, qk_norm=None):
+    """``qk_norm``: None, or the norm kind of a model with per-head q/k norms ("rms", "rms_offset")."""
     return ModelConfig(model_type="llama" if rope else "opt", vocab_size=64, hidden_size=48, num_heads=6,
                        num_kv_heads=2, head_dim=32, intermediate_size=160, layers=(LayerSpec(160, 32, 32),),
                        use_rope=rope, qkv_bias=bias, o_bias=bias, mlp_bias=bias, gated_mlp=gated,
-                       activation="silu" if gated else "relu", norm="rms" if rope else "layer")
+                       activation="silu" if gated else "relu",
+                       norm=qk_norm or ("rms" if rope else "layer"), qk_norm=qk_norm is not None)
 
 
 def randomise(module, seed):
@@ -28,15 +30,18 @@ def randomise(module, seed):
     nnx.update(module, state)
 
 
-@pytest.mark.parametrize("rope,bias", [(True, False), (True, True), (False, True)])
-def test_bucketed_attention_is_exact(rope, bias):
-    cfg = config(rope, bias)
+@pytest.mark.parametrize("rope,bias,qk_norm", [(True, False, None), (True, True, None), (False, True, None),
+                                              (True, True, "rms"), (True, False, "rms_offset")])
+def test_bucketed_attention_is_exact(rope, bias, qk_norm):
+    cfg = config(rope, bias, qk_norm=qk_norm)
     pairs = ((0, 1, 2, 3, 5, 6, 8, 9, 11, 13, 15), tuple(range(5, 16))) if rope else None  # 11 pairs per group
     spec = LayerSpec(160, 22, 19, pairs)
     attn = Attention(cfg, spec, dtype=jnp.float32, rngs=nnx.Rngs(0))
     randomise(attn, 1)
     if rope:
         attn.rope_freqs.set_value(jnp.asarray(kept_pair_frequencies(cfg, spec)))
+    if qk_norm:
+        assert attn.q_norm.weight.shape == (6, 22) and attn.k_norm.weight.shape == (2, 22)
     padded = bucketed_attention(attn, cfg, spec)
     assert padded.qk_dim == width_bucket(22, 32, parts=8, multiple=2 if rope else 1) > 22
     assert padded.vo_dim == width_bucket(19, 32, parts=8) > 19

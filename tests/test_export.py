@@ -1,5 +1,6 @@
 """Exported directories load with transformers' AutoModelForCausalLM in a process that never imports modegpt-jax."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -92,6 +93,25 @@ def test_compressed_export_loads_in_transformers(name, tmp_path):
     assert result["resave_max_diff"] == 0.0
 
     # And back into JAX: identical logits.
+    np.testing.assert_array_equal(np.asarray(HFCheckpoint(out).load_model()(tokens)), np.asarray(model(tokens)))
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_key_query_compressed_under_qk_norms_exports_and_reloads(name, tmp_path):
+    """``qk_norm_mode="corrected"``: per-head q/k norm weights over the kept channels, in the remote-code model."""
+    hf = make_hf_model(name)
+    ckpt = HFCheckpoint(save_hf_model(hf, tmp_path / "dense"))
+    settings = dataclasses.replace(equal_split(ratio=0.3, allocation="uniform"), qk_norm_mode="corrected")
+    model, report = compress(ckpt, calibration(), settings, progress=False)
+    cfg = model.config
+    assert all(spec.qk_dim < cfg.head_dim for spec in cfg.layers)
+    assert model.layers[0].attn.q_norm.weight.shape == (cfg.num_heads, cfg.layers[0].qk_dim)
+    out = save_model(model, tmp_path / "export", base_hf_config=ckpt.hf_config)
+    tokens = np.random.default_rng(1).integers(0, 128, (2, 21))
+    result, logits = load_in_clean_process(out, tokens, tmp_path)
+    assert result["class"] == "ModeGPTForCausalLM" and result["generate_equals_greedy"]
+    np.testing.assert_allclose(logits, np.asarray(model(tokens)), atol=1e-4, rtol=0)
+    assert result["params"] == report["params_after"]
     np.testing.assert_array_equal(np.asarray(HFCheckpoint(out).load_model()(tokens)), np.asarray(model(tokens)))
 
 

@@ -107,9 +107,13 @@ def test_qk_norm_family_keeps_key_query_whole_and_still_reaches_the_ratio(checkp
     for new, old in zip(model.layers, dense.layers):  # the q/k norms and projections are the dense ones
         np.testing.assert_array_equal(np.asarray(new.attn.q_norm.weight[...]), np.asarray(old.attn.q_norm.weight[...]))
         np.testing.assert_array_equal(np.asarray(new.attn.k_proj.kernel[...]), np.asarray(old.attn.k_proj.kernel[...]))
-    with pytest.raises(UserError, match="key-query is not compressed in models with q/k norms"):
-        compress(ckpt, calibration(), equal_split(ratio=0.3), progress=False,
-                 layer_specs=[LayerSpec(48, 12, 12) for _ in cfg.layers])
+    specs = [LayerSpec(48, 12, 12) for _ in cfg.layers]
+    with pytest.raises(UserError, match="qk_norm_mode='whole' keeps it whole"):
+        compress(ckpt, calibration(), equal_split(ratio=0.3), progress=False, layer_specs=specs)
+    model, _ = compress(ckpt, calibration(), equal_split(ratio=0.3, qk_norm_mode="corrected"), progress=False,
+                        layer_specs=specs)
+    assert [spec.qk_dim for spec in model.config.layers] == [12] * cfg.num_layers
+    assert model.layers[1].attn.k_norm.weight.shape == (cfg.num_kv_heads, 12)
 
 
 def test_in_memory_model_gives_the_same_result_as_streaming(checkpoints):

@@ -39,16 +39,19 @@ class RMSNorm(nn.Module):
     """RMSNorm; ``offset``: the weight is stored as an offset from 1 and applied in float32 (Gemma)."""
 
     def __init__(self, d, eps, offset=False):
+        """``d``: the normalised size, or a weight shape (one weight per head: ``(heads, size)``)."""
         super().__init__()
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.zeros(d) if offset else torch.ones(d))
 
-    def forward(self, x):
+    def forward(self, x, weight_shape=None):
+        """``weight_shape``: the weight viewed as this shape to broadcast against ``x`` (default: as stored)."""
+        weight = self.weight if weight_shape is None or self.weight.dim() == 1 else self.weight.view(weight_shape)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
-            return (xf * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+            return (xf * (1.0 + weight.float())).to(x.dtype)
+        return weight * xf.to(x.dtype)
 
 
 def make_norm(cfg, d):
@@ -125,9 +128,13 @@ class Attention(nn.Module):
         setattr(self, names[2], nn.Linear(d, G * self.qk, bias=cfg["qkv_bias"]))
         setattr(self, names[3], nn.Linear(d, G * self.vo, bias=cfg["qkv_bias"]))
         setattr(self, names[4], nn.Linear(H * self.vo, d, bias=cfg["o_bias"]))
-        # Per-head RMSNorm of queries and keys before RoPE (Qwen3); key-query is whole in such models.
-        self.q_norm = make_norm(cfg, self.qk) if cfg.get("qk_norm") else None
-        self.k_norm = make_norm(cfg, self.qk) if cfg.get("qk_norm") else None
+        # Per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3): one weight for all heads, or one per
+        # head over the kept channels where key-query was compressed.
+        self.q_norm = self.k_norm = None
+        if cfg.get("qk_norm"):
+            per_head = self.qk < cfg["head_dim"]
+            self.q_norm = make_norm(cfg, (H, self.qk) if per_head else self.qk)
+            self.k_norm = make_norm(cfg, (G, self.qk) if per_head else self.qk)
 
     def forward(self, x, rope, mask, cache):
         """``rope``: this layer's (cos, signed sin) [B, G, T, qk] from RopeTables, or None; ``mask``: additive
@@ -140,8 +147,8 @@ class Attention(nn.Module):
         q_lin, k_lin, v_lin, o_lin = (getattr(self, name) for name in self.names[1:5])
         q = q_lin(x).view(B, T, G, n, self.qk)
         k = k_lin(x).view(B, T, G, self.qk)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # a per-head query weight [H, qk] is [G, n, qk] here
+            q, k = self.q_norm(q, (G, n, self.qk)), self.k_norm(k)
         q = q.permute(0, 2, 3, 1, 4)
         k = k.transpose(1, 2)
         v = v_lin(x).view(B, T, G, self.vo).transpose(1, 2)
