@@ -1,6 +1,6 @@
 """Calibration text and token windows for the compression.
 
-:func:`load_calibration_text` turns a ``--calib-data`` value into text:
+:func:`load_calibration_text` turns a calibration source (``RunSettings.calib_data``) into text:
 
 * ``"wikipedia"`` (the default): the calibration split of the embedded Wikipedia sample;
   ``"wikipedia-validation"``: its validation split (for tuning hyperparameters).  The held-out
@@ -322,8 +322,8 @@ def sample_windows(
     (in random order).  Raises :class:`UserError` when there are fewer than
     ``n_samples * seqlen`` tokens.
     """
-    n_samples = _check_positive(n_samples, "--calib-samples", 1)
-    seqlen = _check_positive(seqlen, "--calib-seqlen", 2)
+    n_samples = _check_positive(n_samples, "n_samples", 1)
+    seqlen = _check_positive(seqlen, "seqlen", 2)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional, got shape {tokens.shape}")
@@ -331,8 +331,9 @@ def sample_windows(
     found = len(tokens)
     if found < needed:
         raise UserError(
-            f"calibration text {source} has {found} tokens, but {n_samples} samples of {seqlen} tokens "
-            f"need {needed}: use fewer --calib-samples, a shorter --calib-seqlen, or more text"
+            f"calibration text {source} has {found} tokens, but {n_samples} windows of {seqlen} tokens "
+            f"need {needed}: use fewer windows (calib_samples), shorter ones (calib_seqlen), or more text",
+            argument=("calib_samples", "calib_seqlen"),
         )
     rng = np.random.default_rng(seed)
     slots = found // seqlen
@@ -343,8 +344,8 @@ def sample_windows(
 
 def calibration_windows(tokenizer: Any, source: str, n_samples: int, seqlen: int, seed: int) -> np.ndarray:
     """Calibration token windows [n_samples, seqlen] int32 from ``source`` (see :func:`load_calibration_text`)."""
-    _check_positive(n_samples, "--calib-samples", 1)
-    _check_positive(seqlen, "--calib-seqlen", 2)
+    _check_positive(n_samples, "n_samples", 1)
+    _check_positive(seqlen, "seqlen", 2)
     text = load_calibration_text(source)
     tokens = calibration_tokens(tokenizer, text)
     return sample_windows(tokens, n_samples, seqlen, seed, source=repr(str(source)))

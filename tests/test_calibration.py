@@ -92,13 +92,17 @@ def test_too_little_text_names_the_counts_and_the_fixes(tokenizer, text_file):
         cal.calibration_windows(tokenizer, text_file, 8, 128, seed=0)
     message = str(info.value)
     assert "1000 tokens" in message and "1024" in message
-    assert "--calib-samples" in message and "--calib-seqlen" in message and "more text" in message
-    assert "\n" not in message
+    assert "calib_samples" in message and "calib_seqlen" in message and "more text" in message
+    assert "\n" not in message and "--" not in message  # settings, not flags: the CLI maps them
+    from modegpt_jax.cli import flag_message
+
+    flags = flag_message(info.value)
+    assert "--calib-samples" in flags and "--calib-seqlen" in flags
 
 
 @pytest.mark.parametrize(("n_samples", "seqlen"), [(0, 16), (2, 1), (-1, 16), (True, 16), (2, 2.5)])
 def test_bad_sizes_are_user_errors(tokenizer, text_file, n_samples, seqlen):
-    with pytest.raises(UserError, match=r"--calib-(samples|seqlen)"):
+    with pytest.raises(UserError, match=r"^(n_samples|seqlen) must be"):
         cal.calibration_windows(tokenizer, text_file, n_samples, seqlen, seed=0)
 
 
