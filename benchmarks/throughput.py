@@ -54,7 +54,8 @@ def main() -> int:
     print(f"\ncompressed / dense at batch {first}:")
     for row in result["rows"]:
         if row["batch"] == first:
-            print(f"  {row['framework']:>5}: prefill {row['prefill_speedup']:.2f}x  decode {row['decode_speedup']:.2f}x")
+            print(f"  {row['framework']:>5}: prefill {row['prefill_speedup']:.2f}x  "
+                  f"decode {row['decode_speedup']:.2f}x")
     if result["greedy_tokens_equal_jax_torch"]:
         print("greedy tokens equal in JAX and PyTorch:",
               ", ".join(f"{k} {v:.0%}" for k, v in result["greedy_tokens_equal_jax_torch"].items()))

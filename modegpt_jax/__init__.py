@@ -9,6 +9,9 @@ The names a user needs, importable from here (loaded on first use, so ``import m
 - ``HFCheckpoint``, ``load_model``, ``load_tokenizer``, ``save_model``; ``calibration_windows``;
   ``evaluate`` (held-out perplexity, :func:`modegpt_jax.perplexity.perplexity`) with ``tokenize`` and
   ``token_windows``; ``generate`` (greedy decoding with a KV cache).
+- ``heal_checkpoint(model, teacher, output, settings)``: recovery training, compressed directory to output
+  directory (what ``modegpt heal`` does), with ``HealSettings``; on models in memory,
+  :func:`modegpt_jax.heal.heal`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 _EXPORTS = {
     "compress_checkpoint": "modegpt_jax.run",
     "RunSettings": "modegpt_jax.run",
+    "heal_checkpoint": "modegpt_jax.run",
+    "HealSettings": "modegpt_jax.heal",
     "CompressionSettings": "modegpt_jax.pipeline",
     "compress": "modegpt_jax.pipeline",
     "compress_streamed": "modegpt_jax.pipeline",

@@ -154,6 +154,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_heal(args: argparse.Namespace) -> int:
+    from modegpt_jax.heal import HealSettings
+    from modegpt_jax.run import heal_checkpoint
+
+    if (args.steps is None) == (args.tokens is None):
+        raise UserError("give exactly one of --steps and --tokens")
+    per_step = args.batch_size * args.grad_accum * args.seqlen
+    steps = args.steps if args.steps is not None else max(1, -(-args.tokens // per_step))
+    settings = HealSettings(
+        steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+        weight_decay=args.weight_decay, clip_norm=args.clip_norm, loss=args.loss, temperature=args.temperature,
+        method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+    )
+    report = heal_checkpoint(args.model, None if args.loss == "lm" and args.teacher is None else args.teacher,
+                             args.output, settings, data=args.data, seqlen=args.seqlen, val_windows=args.val_windows,
+                             dtype=args.dtype, overwrite=args.overwrite)
+    ppl = report["validation_perplexity"]
+    if ppl:
+        print(f"validation perplexity {ppl['before']:.3f} -> {ppl['after']:.3f}")
+    print(f"{report['tokens_seen']:,} tokens in {settings.steps} steps; written to {args.output} "
+          "(model, heal_report.json, plots/heal.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from modegpt_jax.pipeline import CompressionSettings
 
@@ -258,6 +284,55 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PyTorch intra-op threads (default: one per core, as JAX's CPU client uses)")
     be.add_argument("--json", help="also write the results to this JSON file")
     be.set_defaults(func=cmd_bench)
+
+    from modegpt_jax.heal import PROJECTIONS, HealSettings
+
+    hd = HealSettings()
+    he = sub.add_parser("heal", help="recovery training of a compressed model (distillation from the dense model, "
+                                     "or next-token loss), written to --output like modegpt compress")
+    he.add_argument("--model", required=True, help="the compressed model: a directory written by modegpt compress")
+    he.add_argument("--teacher", default=None,
+                    help="the dense model it was compressed from (needed by --loss kd and kd+lm)")
+    he.add_argument("--output", required=True, help="directory for the healed model")
+    he.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    he.add_argument("--data", default="wikipedia",
+                    help="training text, as --calib-data of modegpt compress (default: the embedded calibration "
+                         "split; the held-out split is refused)")
+    he.add_argument("--seqlen", type=int, default=512, help="tokens per training window (default: 512)")
+    he.add_argument("--batch-size", type=int, default=hd.batch_size,
+                    help=f"windows per micro-batch (default: {hd.batch_size})")
+    he.add_argument("--grad-accum", type=int, default=hd.grad_accum,
+                    help="micro-batches per optimiser step (default: 1)")
+    he.add_argument("--steps", type=int, default=None, help="optimiser steps (or --tokens)")
+    he.add_argument("--tokens", type=int, default=None, help="training tokens, rounded up to whole steps")
+    he.add_argument("--lr", type=float, default=hd.lr, help=f"peak learning rate of AdamW (default: {hd.lr})")
+    he.add_argument("--warmup", type=int, default=hd.warmup,
+                    help=f"linear warmup steps before the cosine decay (default: {hd.warmup})")
+    he.add_argument("--weight-decay", type=float, default=hd.weight_decay, help="AdamW weight decay (default: 0)")
+    he.add_argument("--clip-norm", type=float, default=hd.clip_norm,
+                    help=f"global gradient-norm clip (default: {hd.clip_norm})")
+    he.add_argument("--loss", default=hd.loss, choices=["kd", "lm", "kd+lm"],
+                    help="kd: KL from the teacher's token distributions; lm: next-token loss; kd+lm: both "
+                         f"(default: {hd.loss})")
+    he.add_argument("--temperature", type=float, default=hd.temperature,
+                    help=f"distillation temperature (default: {hd.temperature})")
+    he.add_argument("--method", default=hd.method, choices=["full", "lora"],
+                    help="train every parameter, or LoRA adapters merged into the weights at the end "
+                         f"(default: {hd.method})")
+    he.add_argument("--lora-rank", type=int, default=hd.lora_rank, help=f"(default: {hd.lora_rank})")
+    he.add_argument("--lora-alpha", type=float, default=hd.lora_alpha, help=f"(default: {hd.lora_alpha})")
+    he.add_argument("--lora-targets", default=",".join(PROJECTIONS),
+                    help=f"comma-separated projections that get adapters (default: {','.join(PROJECTIONS)})")
+    he.add_argument("--eval-every", type=int, default=hd.eval_every,
+                    help="validation perplexity every K steps (default: at the start and the end only)")
+    he.add_argument("--val-windows", type=int, default=16,
+                    help="validation windows of --seqlen tokens, from the embedded validation split (default: 16)")
+    he.add_argument("--checkpoint-every", type=int, default=hd.checkpoint_every,
+                    help="orbax checkpoint every K steps, beside --output; rerunning the same command resumes "
+                         f"(default: {hd.checkpoint_every})")
+    he.add_argument("--seed", type=int, default=hd.seed, help="seed of the data order and the adapters (default: 0)")
+    he.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    he.set_defaults(func=cmd_heal)
     return parser
 
 

@@ -4,7 +4,8 @@ The plots read only the report that :func:`modegpt_jax.pipeline.compress` return
 - ``allocation.png``: per-layer block influence and the sparsity allocated from it;
 - ``errors.png``: per-layer relative reconstruction error of the MLP, value-output and key-query modules;
 - ``params.png``: per-layer attention and MLP parameters before and after;
-- ``perplexity.png``: perplexity before and after, when the run measured it.
+- ``perplexity.png``: perplexity before and after, when the run measured it;
+- ``heal.png`` (:func:`heal_plot`): loss and validation perplexity of a recovery run (``modegpt heal``).
 """
 
 from __future__ import annotations
@@ -139,3 +140,24 @@ def summary_table(report: dict[str, Any]) -> str:
     if times:
         lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     return "\n".join(lines)
+
+
+def heal_plot(report: dict[str, Any]) -> bytes:
+    """Training loss per step and validation perplexity of a ``modegpt heal`` run (``heal_report.json``)."""
+    losses = [x for x in report["history"] if "loss" in x]
+    vals = [x for x in report["history"] if "validation_perplexity" in x]
+    fig, ax = _figure()
+    ax.plot([x["step"] for x in losses], [x["loss"] for x in losses], color="#1f77b4", linewidth=1,
+            label=f"training loss ({report['settings']['loss']})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    handles = ax.get_legend_handles_labels()[0]
+    if vals:
+        ax2 = ax.twinx()
+        ax2.plot([x["step"] for x in vals], [x["validation_perplexity"] for x in vals], "o-", color="#d62728",
+                 label="validation perplexity")
+        ax2.set_ylabel("validation perplexity")
+        handles += ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
+    ax.set_title(f"{report.get('model', 'model')}: recovery training ({report['settings']['method']})", fontsize=10)
+    return _png(fig)

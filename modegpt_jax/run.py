@@ -1,10 +1,16 @@
-"""One compression run, from a checkpoint to an output directory: what ``modegpt compress``, ``modegpt bench``
-(``--ratio``) and the README's one-call Python example run.
+"""Whole runs, from a checkpoint to an output directory: compression (:func:`compress_checkpoint`, what
+``modegpt compress``, ``modegpt bench --ratio`` and the README's one-call Python example run) and recovery training
+(:func:`heal_checkpoint`, what ``modegpt heal`` runs).
 
 :func:`compress_checkpoint` resolves the checkpoint, draws the calibration windows (every process the same ones,
 keeping its own share of the rows), compresses streamed from disk with finished layers staged beside the output
 (a killed run resumes from the last finished layer), optionally measures held-out perplexity before and after,
 and writes the model, ``report.json``, ``README.md``, ``run_config.yaml`` and ``plots/`` from process 0.
+
+:func:`heal_checkpoint` checks that the student is a compressed version of the teacher with the same tokenizer,
+draws training windows (never from the held-out text) and validation windows, trains with
+:func:`modegpt_jax.heal.heal` with orbax checkpoints beside the output (a killed run resumes), and writes the
+model, ``heal_report.json`` and ``plots/heal.png``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import jax
 from modegpt_jax.errors import UserError
 from modegpt_jax.pipeline import CompressionSettings
 
-__all__ = ["RunSettings", "check_output", "compress_checkpoint", "perplexity_before_after", "resume_dir"]
+__all__ = ["RunSettings", "check_output", "compress_checkpoint", "heal_checkpoint", "perplexity_before_after",
+           "resume_dir"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,4 +136,77 @@ def compress_checkpoint(model: Any, output: str | Path, settings: CompressionSet
                           base_hf_config=checkpoint.hf_config, tokenizer_dir=checkpoint.directory,
                           extra_files=extra, modegpt_info={"method": "MoDeGPT", "target_ratio": settings.ratio})
         shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def heal_dir(output: Path) -> Path:
+    """Where a recovery run keeps its orbax checkpoints for ``output`` (beside it, removed once it is written)."""
+    return output.parent / f".{output.name}.heal"
+
+
+#: A text both tokenizers must encode to the same ids.
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog. 1234567890 -- Zürich, naïve café: ok?"
+
+
+def check_student_teacher(student, teacher) -> None:
+    """Refuse, with the reason, a teacher whose architecture or tokenizer is not the student's dense origin
+    (``student``, ``teacher``: :class:`~converters.hf_import.HFCheckpoint`)."""
+    s, t = student.config, teacher.config
+    fields = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "intermediate_size")
+    differ = [f"{f} {getattr(s, f)} vs {getattr(t, f)}" for f in fields if getattr(s, f) != getattr(t, f)]
+    if differ:
+        raise UserError(f"model is not a compressed version of teacher ({'; '.join(differ)})",
+                        argument=("model", "teacher"))
+    if student.load_tokenizer()(TOKENIZER_PROBE)["input_ids"] != teacher.load_tokenizer()(TOKENIZER_PROBE)["input_ids"]:
+        raise UserError("teacher encodes text differently from model (their tokenizers differ)",
+                        argument=("teacher", "model"))
+
+
+def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, data: str = "wikipedia",
+                    seqlen: int = 512, val_windows: int = 16, dtype: str = "float32", overwrite: bool = False,
+                    progress: bool = True) -> dict[str, Any]:
+    """Recovery training of the compressed ``model`` (a directory written by ``modegpt compress``, or any
+    checkpoint :class:`~converters.hf_import.HFCheckpoint` reads) from the dense ``teacher`` with
+    :class:`~modegpt_jax.heal.HealSettings` ``settings``; writes the healed model to ``output`` and returns the
+    report. ``data``: a calibration source (never the held-out text); validation perplexity is measured on
+    ``val_windows`` windows of the embedded validation text. ``teacher`` may be None for ``loss="lm"``."""
+    from converters.hf_export import save_model
+    from converters.hf_import import HFCheckpoint
+    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.heal import heal
+    from modegpt_jax.perplexity import token_windows, tokenize
+    from modegpt_jax.report import heal_plot
+    from modegpt_jax.wikipedia import embedded_text
+
+    settings.validate()
+    out = check_output(output, overwrite)
+    if val_windows < 0:
+        raise UserError(f"val_windows must be >= 0, got {val_windows}", argument="val_windows")
+    start = time.perf_counter()
+    student = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model, dtype=dtype)
+    if settings.loss != "lm" and teacher is None:
+        raise UserError(f"loss {settings.loss!r} needs a teacher (the dense model)", argument="teacher")
+    dense = None
+    if teacher is not None:
+        dense = teacher if isinstance(teacher, HFCheckpoint) else HFCheckpoint(teacher, dtype=dtype)
+        check_student_teacher(student, dense)
+    tokenizer = student.load_tokenizer()
+    windows = calibration_windows(tokenizer, data, settings.windows_needed, seqlen, settings.seed)
+    val = (token_windows(tokenize(tokenizer, embedded_text("validation")), seqlen, val_windows)
+           if val_windows else None)
+    healed, report = heal(student.load_model(), None if dense is None else dense.load_model(), windows, settings,
+                          val_tokens=val, checkpoint_dir=heal_dir(out), progress=progress)
+    report.update(model=str(model if not isinstance(model, HFCheckpoint) else student.directory.name),
+                  teacher=None if teacher is None else str(teacher if not isinstance(teacher, HFCheckpoint)
+                                                           else dense.directory.name),
+                  data={"source": data, "windows": int(len(windows)), "seqlen": seqlen},
+                  validation={"text": "embedded:wikipedia/validation", "windows": 0 if val is None else len(val)},
+                  wall_seconds=round(time.perf_counter() - start, 3),
+                  versions={"jax": jax.__version__})
+    if jax.process_index() == 0:
+        save_model(healed, out, base_hf_config=student.hf_config, tokenizer_dir=student.directory,
+                   extra_files={"heal_report.json": json.dumps(report, indent=2) + "\n",
+                                "plots/heal.png": heal_plot(report)})
+        shutil.rmtree(heal_dir(out), ignore_errors=True)
     return report

@@ -1,0 +1,358 @@
+"""Recovery training of a compressed model with optax (``modegpt heal``): distillation from the dense teacher, plain
+next-token loss, or both; every parameter or LoRA adapters merged at the end; orbax checkpoints to resume.
+
+The compressed model keeps its shapes: LoRA adapters (:class:`LoRALinear`) wrap the target projections during
+training and are folded into their kernels by :func:`merge_lora`, so a healed model exports and loads like any
+other compressed model. The data order is a function of the seed alone, so a resumed run (parameters, optimiser
+state and step restored from the last checkpoint) repeats the same steps and ends at the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from modegpt_jax.errors import UserError
+from modegpt_jax.model import Linear, Transformer
+
+__all__ = ["HealSettings", "LoRALinear", "LoRAParam", "add_lora", "heal", "kd_loss", "lm_loss", "merge_lora",
+           "train_step"]
+
+LOSSES = ("kd", "lm", "kd+lm")
+METHODS = ("full", "lora")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class HealSettings:
+    """Everything that decides the result of a recovery run (recorded in its report).
+
+    ``steps`` optimiser steps, each over ``batch_size * grad_accum`` windows (gradients summed over
+    ``grad_accum`` micro-batches of ``batch_size``, :class:`optax.MultiSteps`); AdamW with linear warmup over
+    ``warmup`` steps then cosine decay to 0, gradients clipped to global norm ``clip_norm``. ``loss``: ``kd``
+    (KL divergence from the teacher's token distributions at ``temperature``, times ``temperature**2``),
+    ``lm`` (next-token cross-entropy) or ``kd+lm`` (their sum). ``method``: ``full`` (every parameter) or
+    ``lora`` (rank-``lora_rank`` adapters on ``lora_targets``, scaled by ``lora_alpha / lora_rank``)."""
+
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    loss: str = "kd"
+    temperature: float = 1.0
+    method: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = PROJECTIONS
+    eval_every: int = 0  # validation perplexity every this many steps (0: at the start and the end only)
+    checkpoint_every: int = 50  # orbax checkpoint every this many steps (with a checkpoint directory)
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "lora_rank", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}", argument=name)
+        for name in ("warmup", "eval_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}", argument=name)
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise UserError(f"lr must be a positive number, got {self.lr}", argument="lr")
+        if self.weight_decay < 0 or self.clip_norm <= 0 or self.temperature <= 0:
+            raise UserError("weight_decay must be >= 0, clip_norm and temperature > 0, got "
+                            f"{self.weight_decay}, {self.clip_norm}, {self.temperature}",
+                            argument=("weight_decay", "clip_norm", "temperature"))
+        if self.loss not in LOSSES:
+            raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}", argument="loss")
+        if self.method not in METHODS:
+            raise UserError(f"method must be full or lora, got {self.method!r}", argument="method")
+        unknown = sorted(set(self.lora_targets) - set(PROJECTIONS))
+        if unknown or not self.lora_targets:
+            raise UserError(f"lora_targets must name some of {', '.join(PROJECTIONS)}, got "
+                            f"{', '.join(self.lora_targets) or 'none'}", argument="lora_targets")
+
+    @property
+    def windows_needed(self) -> int:
+        return self.steps * self.batch_size * self.grad_accum
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------------
+class LoRAParam(nnx.Param):
+    """An adapter parameter: what ``method="lora"`` trains."""
+
+
+class LoRALinear(nnx.Module):
+    """``base(x) + (x @ a) @ b * scale`` around a frozen :class:`~modegpt_jax.model.Linear`; ``b`` starts at zero,
+    so the wrapped model starts exactly where the compressed one is."""
+
+    def __init__(self, base: Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
+        d_in, d_out = base.kernel.shape
+        dtype = base.kernel.dtype
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_a = LoRAParam((jax.random.normal(rngs.params(), (d_in, rank), jnp.float32) / math.sqrt(d_in))
+                                .astype(dtype))
+        self.lora_b = LoRAParam(jnp.zeros((rank, d_out), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.base(x) + (x @ self.lora_a[...]) @ self.lora_b[...] * jnp.asarray(self.scale, x.dtype)
+
+    def merged(self) -> Linear:
+        """The base projection with the adapter folded into its kernel."""
+        a = self.lora_a[...].astype(jnp.float32)
+        b = self.lora_b[...].astype(jnp.float32)
+        kernel = self.base.kernel[...]
+        self.base.kernel.set_value((kernel.astype(jnp.float32) + a @ b * self.scale).astype(kernel.dtype))
+        return self.base
+
+
+def _projections(model: Transformer):
+    """(module, attribute name) of every projection in the decoder blocks."""
+    for block in model.layers:
+        for parent in (block.attn, block.mlp):
+            for name in PROJECTIONS:
+                if getattr(parent, name, None) is not None:
+                    yield parent, name
+
+
+def add_lora(model: Transformer, targets: tuple[str, ...] = PROJECTIONS, rank: int = 8, alpha: float = 16.0,
+             seed: int = 0) -> Transformer:
+    """Wrap the ``targets`` projections of every block in :class:`LoRALinear` (in place; returns the model)."""
+    rngs = nnx.Rngs(seed)
+    for parent, name in _projections(model):
+        module = getattr(parent, name)
+        if name in targets and isinstance(module, Linear):
+            setattr(parent, name, LoRALinear(module, rank, alpha, rngs=rngs))
+    return model
+
+
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold every adapter into its projection (in place; returns the model): the compressed shapes again."""
+    for parent, name in _projections(model):
+        module = getattr(parent, name)
+        if isinstance(module, LoRALinear):
+            setattr(parent, name, module.merged())
+    return model
+
+
+# -- losses ----------------------------------------------------------------------------------------------------
+def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy: ``logits[:, t]`` predicts ``tokens[:, t + 1]``."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def kd_loss(logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """``temperature**2`` times the mean over positions of ``KL(teacher || student)``, both softened by
+    ``temperature`` (the usual scaling, so gradients keep their size as the temperature changes)."""
+    t = jnp.asarray(temperature, jnp.float32)
+    log_student = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+    log_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
+    kl = jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
+    return t * t * jnp.mean(kl)
+
+
+def forward(model: Transformer, tokens: jax.Array) -> jax.Array:
+    """Logits of ``model`` as one traceable function (``Transformer.__call__`` jits block by block)."""
+    positions = model.positions(tokens)
+    h = model.embed(tokens, positions)
+    for block in model.layers:
+        h = block(h, positions)
+    return model.head(h)
+
+
+@nnx.jit
+def _teacher_logits(teacher: Transformer, tokens: jax.Array) -> jax.Array:
+    return forward(teacher, tokens)
+
+
+@nnx.jit(static_argnames=("loss", "temperature", "wrt"))
+def _step(model, optimizer, tokens, teacher_logits, *, loss, temperature, wrt):
+    def objective(model):
+        logits = forward(model, tokens)
+        parts = {}
+        if loss in ("kd", "kd+lm"):
+            parts["kd"] = kd_loss(logits, teacher_logits, temperature)
+        if loss in ("lm", "kd+lm"):
+            parts["lm"] = lm_loss(logits, tokens)
+        return sum(parts.values()), parts
+
+    (value, parts), grads = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
+    optimizer.update(model, grads)
+    return value, parts
+
+
+def train_step(model: Transformer, optimizer: nnx.Optimizer, tokens, teacher: Transformer | None,
+               settings: HealSettings) -> dict[str, float]:
+    """One micro-batch: loss, gradients of the trained parameters, and the optimiser's update (with
+    ``grad_accum > 1`` the update is applied every ``grad_accum`` calls). Returns the losses."""
+    tokens = jnp.asarray(tokens)
+    teacher_logits = _teacher_logits(teacher, tokens) if settings.loss != "lm" else None
+    value, parts = _step(model, optimizer, tokens, teacher_logits, loss=settings.loss,
+                         temperature=settings.temperature, wrt=_trained(settings))
+    return {"loss": float(value), **{k: float(v) for k, v in parts.items()}}
+
+
+def _trained(settings: HealSettings):
+    return LoRAParam if settings.method == "lora" else nnx.Param
+
+
+def make_optimizer(model: Transformer, settings: HealSettings) -> nnx.Optimizer:
+    """AdamW with warmup and cosine decay, global-norm clipping, gradient accumulation."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, settings.warmup,
+                                                  max(settings.steps, settings.warmup + 1), 0.0)
+    tx = optax.chain(optax.clip_by_global_norm(settings.clip_norm),
+                     optax.adamw(schedule, weight_decay=settings.weight_decay))
+    if settings.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=settings.grad_accum)
+    return nnx.Optimizer(model, tx, wrt=_trained(settings))
+
+
+def batch_order(n_windows: int, settings: HealSettings) -> np.ndarray:
+    """Window indices of every micro-batch, [steps * grad_accum, batch_size]: one shuffled pass, from the seed."""
+    needed = settings.windows_needed
+    if n_windows < needed:
+        raise UserError(f"{settings.steps} steps of {settings.grad_accum} x {settings.batch_size} windows need "
+                        f"{needed} windows, the data gives {n_windows}: fewer steps, a smaller batch, or more data",
+                        argument=("steps", "batch_size"))
+    order = np.random.default_rng(settings.seed).permutation(n_windows)[:needed]
+    return order.reshape(settings.steps * settings.grad_accum, settings.batch_size)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+class _Checkpoints:
+    """orbax checkpoints of the trained parameters, the optimiser state and the history, every K steps."""
+
+    def __init__(self, directory: Path, settings: HealSettings):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        self.settings_file = self.directory / "heal_settings.json"
+        record = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+        if self.settings_file.exists() and self.settings_file.read_text() != record:
+            raise UserError(f"checkpoint directory {self.directory} holds a run with other settings: rerun with the "
+                            "same settings to resume, or delete that directory")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.settings_file.write_text(record)
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1))
+
+    def restore(self, model, optimizer, wrt) -> tuple[int, list]:
+        step = self.manager.latest_step()
+        if step is None:
+            return 0, []
+        ocp = self._ocp
+        params, opt = nnx.state(model, wrt), nnx.state(optimizer)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(nnx.to_pure_dict(params)),
+            optimizer=ocp.args.StandardRestore(nnx.to_pure_dict(opt)),
+            history=ocp.args.JsonRestore()))
+        nnx.replace_by_pure_dict(params, restored["params"])
+        nnx.replace_by_pure_dict(opt, restored["optimizer"])
+        nnx.update(model, params)
+        nnx.update(optimizer, opt)
+        return step, restored["history"]["history"]
+
+    def save(self, step: int, model, optimizer, wrt, history: list) -> None:
+        ocp = self._ocp
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, wrt))),
+            optimizer=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))),
+            history=ocp.args.JsonSave({"history": history})))
+        self.manager.wait_until_finished()
+
+    @property
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, settings: HealSettings, *,
+         val_tokens: np.ndarray | None = None, checkpoint_dir: str | Path | None = None,
+         progress: bool = True) -> tuple[Transformer, dict[str, Any]]:
+    """Train ``model`` (in place) on ``tokens [N, seqlen]`` and return it with its report.
+
+    ``teacher``: the dense model, for the ``kd`` losses (its logits are computed on the fly, never stored).
+    ``val_tokens``: windows for validation perplexity at the start, every ``eval_every`` steps and at the end.
+    ``checkpoint_dir``: orbax checkpoints every ``checkpoint_every`` steps; a run given the same directory and
+    settings resumes from its last checkpoint. With ``method="lora"`` the adapters are merged before returning."""
+    from modegpt_jax.perplexity import perplexity
+
+    settings.validate()
+    if settings.loss != "lm" and teacher is None:
+        raise UserError(f"loss {settings.loss!r} needs a teacher (the dense model)", argument="loss")
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+        raise UserError(f"teacher has a vocabulary of {teacher.config.vocab_size} tokens, the model one of "
+                        f"{model.config.vocab_size}", argument="teacher")
+    tokens = np.asarray(tokens, np.int32)
+    order = batch_order(len(tokens), settings)
+    if settings.method == "lora":
+        add_lora(model, settings.lora_targets, settings.lora_rank, settings.lora_alpha, settings.seed)
+    optimizer = make_optimizer(model, settings)
+    wrt = _trained(settings)
+    checkpoints = None if checkpoint_dir is None else _Checkpoints(Path(checkpoint_dir), settings)
+    start_step, history = (0, []) if checkpoints is None else checkpoints.restore(model, optimizer, wrt)
+
+    def validate_at(step: int) -> None:
+        if val_tokens is not None:
+            ppl = perplexity(model, np.asarray(val_tokens), progress=False)["perplexity"]
+            history.append({"step": step, "validation_perplexity": ppl})
+
+    if start_step == 0:
+        validate_at(0)
+    began = time.perf_counter()
+    window_tokens = tokens.shape[1]
+    bar = tqdm(total=settings.steps, initial=start_step, desc="heal", unit="step", disable=not progress)
+    for step in range(start_step, settings.steps):
+        losses = []
+        for micro in range(settings.grad_accum):
+            losses.append(train_step(model, optimizer, tokens[order[step * settings.grad_accum + micro]], teacher,
+                                     settings))
+        row = {"step": step + 1, **{k: float(np.mean([x[k] for x in losses])) for k in losses[0]}}
+        if not math.isfinite(row["loss"]):
+            kept = "" if checkpoints is None or checkpoints.latest is None else (
+                f"; the last good checkpoint is step {checkpoints.latest} in {checkpoints.directory}")
+            raise UserError(f"the loss became {row['loss']} at step {step + 1} (lr {settings.lr} too high?){kept}",
+                            argument="lr")
+        history.append(row)
+        seconds = time.perf_counter() - began
+        done = step + 1 - start_step
+        bar.set_postfix(loss=f"{row['loss']:.4f}",
+                        tok_s=f"{done * settings.grad_accum * settings.batch_size * window_tokens / seconds:.0f}")
+        bar.update(1)
+        if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
+            validate_at(step + 1)
+        if checkpoints is not None and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
+            checkpoints.save(step + 1, model, optimizer, wrt, history)
+    bar.close()
+    seconds = time.perf_counter() - began
+    if not history or history[-1].get("step") != settings.steps or "validation_perplexity" not in history[-1]:
+        validate_at(settings.steps)
+    if settings.method == "lora":
+        merge_lora(model)
+    trained_tokens = (settings.steps - start_step) * settings.grad_accum * settings.batch_size * window_tokens
+    vals = [x for x in history if "validation_perplexity" in x]
+    report = {
+        "settings": dataclasses.asdict(settings),
+        "history": history,
+        "tokens_seen": settings.windows_needed * window_tokens,
+        "seconds_this_run": round(seconds, 3),
+        "tokens_per_second": trained_tokens / seconds if seconds > 0 and trained_tokens else None,
+        "resumed_from_step": start_step,
+        "validation_perplexity": {"before": vals[0]["validation_perplexity"], "after":
+                                  vals[-1]["validation_perplexity"]} if len(vals) >= 2 else None,
+    }
+    return model, report

@@ -1,0 +1,176 @@
+"""Recovery training (``modegpt heal``): the train step, the losses, LoRA, resume, and the CLI end to end."""
+
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from converters.hf_import import HFCheckpoint
+from modegpt_jax import heal as healing
+from modegpt_jax.errors import UserError
+from modegpt_jax.heal import HealSettings, add_lora, heal, kd_loss, lm_loss, make_optimizer, merge_lora, train_step
+from modegpt_jax.pipeline import compress
+from tests.hf_models import make_hf_model, save_hf_model
+from tests.test_cli_errors import assert_user_error, run_cli
+from tests.test_pipeline import equal_split
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(dense checkpoint, compressed model) of a tiny Llama."""
+    ckpt = HFCheckpoint(save_hf_model(make_hf_model("llama_gqa_untied"), tmp_path_factory.mktemp("heal") / "d"))
+    return ckpt, compress(ckpt, data(16, seed=0), equal_split(ratio=0.4), progress=False)[0]
+
+
+def data(n=32, length=24, seed=1):
+    return np.random.default_rng(seed).integers(0, 128, (n, length)).astype(np.int32)
+
+
+def student(pair):
+    """A fresh copy of the compressed model (training changes it in place)."""
+    return nnx.clone(pair[1])
+
+
+def params(model):
+    return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("loss", ["lm", "kd", "kd+lm"])
+def test_one_step_lowers_the_loss_on_its_batch(pair, loss):
+    ckpt, _ = pair
+    model, teacher = student(pair), ckpt.load_model()
+    settings = HealSettings(steps=1, lr=1e-4, warmup=0, loss=loss)
+    optimizer = make_optimizer(model, settings)
+    batch = data(4)
+    before = train_step(model, optimizer, batch, teacher, settings)["loss"]
+    after = train_step(model, optimizer, batch, teacher, settings)["loss"]  # the second reports the loss after one
+    assert after < before
+
+
+def test_kd_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 5, 11)) * 3, rng.normal(size=(2, 5, 11)) * 3
+    for temperature in (1.0, 2.0):
+        def log_softmax(x):
+            x = x / temperature
+            return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+
+        p = np.exp(log_softmax(t))
+        expected = temperature**2 * np.mean(np.sum(p * (log_softmax(t) - log_softmax(s)), axis=-1))
+        np.testing.assert_allclose(float(kd_loss(jnp.asarray(s), jnp.asarray(t), temperature)), expected, rtol=1e-5)
+    assert float(kd_loss(jnp.asarray(s), jnp.asarray(s))) == pytest.approx(0.0, abs=1e-6)
+    tokens = rng.integers(0, 11, (2, 5))
+    logp = s[:, :-1] - np.log(np.exp(s[:, :-1]).sum(-1, keepdims=True))
+    expected_lm = -np.mean(np.take_along_axis(logp, tokens[:, 1:, None], -1))
+    np.testing.assert_allclose(float(lm_loss(jnp.asarray(s), jnp.asarray(tokens))), expected_lm, rtol=1e-5)
+
+
+def test_lora_merged_weights_give_the_adapters_logits(pair):
+    model = add_lora(student(pair), rank=4, seed=3)
+    adapters = nnx.state(model, healing.LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(5), 1000))
+    nnx.update(model, jax.tree.map(lambda x: 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), adapters))
+    tokens = data(2, seed=7)
+    unmerged = np.asarray(model(tokens))
+    assert not np.allclose(unmerged, np.asarray(pair[1](tokens)), atol=1e-4)  # the adapters do something
+    merged = merge_lora(model)
+    assert not nnx.state(merged, healing.LoRAParam)  # no adapter left: the compressed shapes
+    assert {k: v.shape for k, v in params(merged).items()} == {k: v.shape for k, v in params(pair[1]).items()}
+    np.testing.assert_allclose(np.asarray(merged(tokens)), unmerged, atol=2e-5, rtol=0)
+
+
+def test_lora_trains_only_the_adapters(pair):
+    ckpt, compressed = pair
+    model, report = heal(student(pair), ckpt.load_model(), data(), HealSettings(
+        steps=3, batch_size=4, lr=1e-2, warmup=0, method="lora", lora_rank=2, lora_targets=("q_proj", "down_proj")),
+        progress=False)
+    before, after = params(compressed), params(model)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and all(k[-2] in ("q_proj", "down_proj") and k[-1] == "kernel" for k in changed)
+
+
+def test_killed_run_resumes_to_the_same_weights(pair, tmp_path, monkeypatch):
+    ckpt, _ = pair
+    settings = HealSettings(steps=6, batch_size=2, grad_accum=2, lr=3e-3, warmup=1, checkpoint_every=2)
+    tokens, val = data(), data(4, seed=9)
+    whole, report = heal(student(pair), ckpt.load_model(), tokens, settings, val_tokens=val,
+                         checkpoint_dir=tmp_path / "a", progress=False)
+
+    real_step, calls = healing.train_step, []
+
+    def dies_in_step_five(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 8:  # micro-batches 9.. belong to step 5: killed after the step-4 checkpoint
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(healing, "train_step", dies_in_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        heal(student(pair), ckpt.load_model(), tokens, settings, val_tokens=val, checkpoint_dir=tmp_path / "b",
+             progress=False)
+    monkeypatch.setattr(healing, "train_step", real_step)
+    resumed, again = heal(student(pair), ckpt.load_model(), tokens, settings, val_tokens=val,
+                          checkpoint_dir=tmp_path / "b", progress=False)
+    assert again["resumed_from_step"] == 4
+    for (k, a), b in zip(params(whole).items(), params(resumed).values()):
+        np.testing.assert_array_equal(a, b, err_msg=str(k))
+    assert [x.get("loss") for x in again["history"]] == [x.get("loss") for x in report["history"]]
+    with pytest.raises(UserError, match="other settings"):
+        heal(student(pair), ckpt.load_model(), tokens, HealSettings(steps=5, batch_size=2),
+             checkpoint_dir=tmp_path / "b", progress=False)
+
+
+def test_bad_input_is_refused(pair, tmp_path):
+    ckpt, _ = pair
+    with pytest.raises(UserError, match="need 400 windows, the data gives 32"):
+        heal(student(pair), ckpt.load_model(), data(), HealSettings(steps=100, batch_size=4), progress=False)
+    other_vocab = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=64))
+    with pytest.raises(UserError, match="teacher has a vocabulary of 64 tokens, the model one of 128"):
+        heal(student(pair), other_vocab, data(), HealSettings(steps=1), progress=False)
+    with pytest.raises(UserError, match="needs a teacher"):
+        heal(student(pair), None, data(), HealSettings(steps=1), progress=False)
+    with pytest.raises(UserError, match="lr must be"):
+        HealSettings(lr=0.0).validate()
+    settings = HealSettings(steps=4, batch_size=4, lr=1e30, warmup=0, loss="lm", checkpoint_every=1, clip_norm=1e30)
+    with pytest.raises(UserError, match="the loss became (nan|inf|-inf) at step .*the last good checkpoint is step"):
+        heal(student(pair), None, data() * 0 + 5, settings, checkpoint_dir=tmp_path / "c", progress=False)
+
+
+@pytest.mark.real_model
+def test_heal_command_writes_a_model_that_transformers_loads(tmp_path, smollm2):
+    from tests.test_cli_compress import make_tiny_with_tokenizer
+    from tests.test_export import load_in_clean_process
+
+    dense = make_tiny_with_tokenizer(tmp_path / "dense", smollm2, layers=2)
+    compressed = tmp_path / "compressed"
+    proc = run_cli("compress", "--model", str(dense), "--ratio", "0.3", "--output", str(compressed),
+                   "--calib-samples", "8", "--calib-seqlen", "32", "--attention-scale", "1", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "healed"
+    proc = run_cli("heal", "--model", str(compressed), "--teacher", str(dense), "--output", str(out),
+                   "--seqlen", "32", "--batch-size", "2", "--steps", "4", "--lr", "1e-3", "--warmup", "1",
+                   "--val-windows", "2", "--eval-every", "2", "--checkpoint-every", "2", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "validation perplexity" in proc.stdout
+    report = json.loads((out / "heal_report.json").read_text())
+    assert [x["step"] for x in report["history"] if "validation_perplexity" in x] == [0, 2, 4]
+    assert report["tokens_seen"] == 4 * 2 * 32 and (out / "plots" / "heal.png").stat().st_size > 1000
+    assert not (tmp_path / ".healed.heal").exists()  # the checkpoints go once the output is written
+    healed = HFCheckpoint(out).load_model()
+    before = HFCheckpoint(compressed).load_model()
+    assert healed.config == before.config  # the compressed shapes
+    tokens = np.random.default_rng(0).integers(0, 1000, (2, 12))
+    assert not np.allclose(np.asarray(healed(tokens)), np.asarray(before(tokens)))
+    result, logits = load_in_clean_process(out, tokens, tmp_path)
+    np.testing.assert_allclose(logits, np.asarray(healed(tokens)), atol=1e-4, rtol=0)
+
+    # A teacher that is not the student's dense model: one line, exit 2, nothing written.
+    other = make_tiny_with_tokenizer(tmp_path / "other", smollm2, layers=3)
+    proc = run_cli("heal", "--model", str(compressed), "--teacher", str(other), "--output", str(tmp_path / "x"),
+                   "--steps", "1")
+    assert_user_error(proc, "--model is not a compressed version of --teacher", "num_layers 2 vs 3")
+    assert not (tmp_path / "x").exists()
