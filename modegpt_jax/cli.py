@@ -156,6 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_heal(args: argparse.Namespace) -> int:
     from modegpt_jax.heal import HealSettings
+    from modegpt_jax.mesh import make_mesh
     from modegpt_jax.run import heal_checkpoint
 
     if (args.steps is None) == (args.tokens is None):
@@ -171,7 +172,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
     )
     report = heal_checkpoint(args.model, None if args.loss == "lm" and args.teacher is None else args.teacher,
                              args.output, settings, data=args.data, seqlen=args.seqlen, val_windows=args.val_windows,
-                             dtype=args.dtype, overwrite=args.overwrite)
+                             dtype=args.dtype, overwrite=args.overwrite,
+                             mesh=None if args.mesh is None else make_mesh(args.mesh))
     ppl = report["validation_perplexity"]
     if ppl:
         print(f"validation perplexity {ppl['before']:.3f} -> {ppl['after']:.3f}")
@@ -332,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(default: {hd.checkpoint_every})")
     he.add_argument("--seed", type=int, default=hd.seed, help="seed of the data order and the adapters (default: 0)")
     he.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    he.add_argument("--mesh", default=None,
+                    help="train on a device mesh, e.g. data=8 or data=2,model=4: batches split over data, weights "
+                         "and optimiser state over model (default: one device)")
     he.set_defaults(func=cmd_heal)
     return parser
 

@@ -282,13 +282,17 @@ class _Checkpoints:
 # -- the run ---------------------------------------------------------------------------------------------------
 def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, settings: HealSettings, *,
          val_tokens: np.ndarray | None = None, checkpoint_dir: str | Path | None = None,
-         progress: bool = True) -> tuple[Transformer, dict[str, Any]]:
+         mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> tuple[Transformer, dict[str, Any]]:
     """Train ``model`` (in place) on ``tokens [N, seqlen]`` and return it with its report.
 
     ``teacher``: the dense model, for the ``kd`` losses (its logits are computed on the fly, never stored).
     ``val_tokens``: windows for validation perplexity at the start, every ``eval_every`` steps and at the end.
     ``checkpoint_dir``: orbax checkpoints every ``checkpoint_every`` steps; a run given the same directory and
-    settings resumes from its last checkpoint. With ``method="lora"`` the adapters are merged before returning."""
+    settings resumes from its last checkpoint. With ``method="lora"`` the adapters are merged before returning.
+    ``mesh``: train on it (:func:`modegpt_jax.mesh.make_mesh`): every micro-batch split over ``"data"``, weights
+    and optimiser state split over ``"model"`` as :mod:`modegpt_jax.sharding` places them; the gradient
+    reductions follow from those shardings. One process only."""
+    from modegpt_jax.mesh import shard_batch
     from modegpt_jax.perplexity import perplexity
 
     settings.validate()
@@ -301,6 +305,14 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
     order = batch_order(len(tokens), settings)
     if settings.method == "lora":
         add_lora(model, settings.lora_targets, settings.lora_rank, settings.lora_alpha, settings.seed)
+    if mesh is not None:
+        from modegpt_jax.sharding import place
+
+        if jax.process_count() > 1:
+            raise UserError("training on a mesh across processes is not supported yet", argument="mesh")
+        place(model, mesh)
+        if teacher is not None:
+            place(teacher, mesh)
     optimizer = make_optimizer(model, settings)
     wrt = _trained(settings)
     checkpoints = None if checkpoint_dir is None else _Checkpoints(Path(checkpoint_dir), settings)
@@ -319,7 +331,8 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
     for step in range(start_step, settings.steps):
         losses = []
         for micro in range(settings.grad_accum):
-            losses.append(train_step(model, optimizer, tokens[order[step * settings.grad_accum + micro]], teacher,
+            rows = tokens[order[step * settings.grad_accum + micro]]
+            losses.append(train_step(model, optimizer, rows if mesh is None else shard_batch(rows, mesh), teacher,
                                      settings))
         row = {"step": step + 1, **{k: float(np.mean([x[k] for x in losses])) for k in losses[0]}}
         if not math.isfinite(row["loss"]):

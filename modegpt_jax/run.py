@@ -165,12 +165,13 @@ def check_student_teacher(student, teacher) -> None:
 
 def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, data: str = "wikipedia",
                     seqlen: int = 512, val_windows: int = 16, dtype: str = "float32", overwrite: bool = False,
-                    progress: bool = True) -> dict[str, Any]:
+                    mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict[str, Any]:
     """Recovery training of the compressed ``model`` (a directory written by ``modegpt compress``, or any
     checkpoint :class:`~converters.hf_import.HFCheckpoint` reads) from the dense ``teacher`` with
     :class:`~modegpt_jax.heal.HealSettings` ``settings``; writes the healed model to ``output`` and returns the
     report. ``data``: a calibration source (never the held-out text); validation perplexity is measured on
-    ``val_windows`` windows of the embedded validation text. ``teacher`` may be None for ``loss="lm"``."""
+    ``val_windows`` windows of the embedded validation text. ``teacher`` may be None for ``loss="lm"``.
+    ``mesh``: as :func:`modegpt_jax.heal.heal`."""
     from converters.hf_export import save_model
     from converters.hf_import import HFCheckpoint
     from modegpt_jax.calibration import calibration_windows
@@ -196,7 +197,7 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     val = (token_windows(tokenize(tokenizer, embedded_text("validation")), seqlen, val_windows)
            if val_windows else None)
     healed, report = heal(student.load_model(), None if dense is None else dense.load_model(), windows, settings,
-                          val_tokens=val, checkpoint_dir=heal_dir(out), progress=progress)
+                          val_tokens=val, checkpoint_dir=heal_dir(out), mesh=mesh, progress=progress)
     report.update(model=str(model if not isinstance(model, HFCheckpoint) else student.directory.name),
                   teacher=None if teacher is None else str(teacher if not isinstance(teacher, HFCheckpoint)
                                                            else dense.directory.name),

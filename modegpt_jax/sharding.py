@@ -40,7 +40,7 @@ def param_spec(path: tuple, shape: tuple[int, ...], model_size: int) -> P:
     """The ``PartitionSpec`` of the parameter at ``path`` (an NNX path such as ``("attn", "q_proj", "kernel")``,
     with or without a ``("layers", i)`` prefix) of shape ``shape`` on a mesh whose ``"model"`` axis has
     ``model_size`` devices."""
-    names = [str(p) for p in path]
+    names = [str(p) for p in path if str(p) != "base"]  # a wrapped projection (LoRA) is sharded as itself
     leaf, owner = names[-1], (names[-2] if len(names) > 1 else "")
     spec: tuple = ()
     if model_size > 1:

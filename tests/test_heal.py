@@ -174,3 +174,31 @@ def test_heal_command_writes_a_model_that_transformers_loads(tmp_path, smollm2):
                    "--steps", "1")
     assert_user_error(proc, "--model is not a compressed version of --teacher", "num_layers 2 vs 3")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("mesh", ["data=8", "data=2,model=4"])
+def test_training_on_a_mesh_matches_one_device(pair, mesh, tmp_path):
+    """LoRA with accumulation and both losses, in fresh 8-device processes: the same weights as on one device."""
+    import subprocess
+    import sys
+
+    from converters.hf_export import save_model
+    from tests.processes import REPO, env_with_devices
+
+    ckpt, compressed = pair
+    student = save_model(compressed, tmp_path / "student", base_hf_config=ckpt.hf_config)
+    results = {}
+    for spec in ("none", mesh):
+        out = tmp_path / f"{spec.replace(',', '_').replace('=', '')}.npz"
+        proc = subprocess.run([sys.executable, "-m", "tests.heal_worker", str(out), str(student),
+                               str(ckpt.directory), spec], cwd=REPO, env=env_with_devices(8), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[spec] = dict(np.load(out))
+    one, many = results["none"], results[mesh]
+    assert one.keys() == many.keys()
+    for name in one:
+        np.testing.assert_allclose(many[name], one[name], atol=2e-5, rtol=1e-4, err_msg=name)
+    before = params(compressed)
+    changed = sum(not np.allclose(one[".".join(map(str, k))], v) for k, v in before.items())
+    assert changed > 0  # the comparison is of trained weights

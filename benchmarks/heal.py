@@ -1,0 +1,135 @@
+"""Recovery training benchmark: a compressed model healed by distillation for a few wall-clock budgets.
+
+    python benchmarks/heal.py [--model smollm2-135m] [--ratio 0.3] [--budgets 5,10,20] [--methods full,lora]
+                              [--seqlen 512] [--batch-size 4] [--lr 1e-4] [--lora-lr 1e-3] [--piqa-limit 300]
+                              [--json benchmarks/results/heal.json]
+
+The compressed model is made first with ``modegpt compress --model M --ratio R --output DIR`` (skipped when
+``--compressed DIR`` is given). A budget of B minutes becomes a step count from the measured time of a training
+step (two warm-up steps, not counted), and each (method, budget) pair is one run of
+    modegpt heal --model DIR --teacher M --output OUT --steps N --method METHOD ...
+through :func:`modegpt_jax.run.heal_checkpoint`, so the schedule (warmup, cosine decay) fits the budget as it would
+for a user. Every row reports held-out perplexity (the embedded held-out text, never trained or validated on) and
+zero-shot PIQA accuracy (lm-eval, ``--piqa-limit`` documents) of the healed model, next to the dense and compressed
+ones, plus training tokens/s. Training text is the embedded calibration split; validation is the validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def held_out(model_dir: str | Path, seqlen: int, windows: int) -> float:
+    from converters.hf_import import HFCheckpoint
+    from modegpt_jax.perplexity import perplexity, token_windows, tokenize
+    from modegpt_jax.wikipedia import embedded_text
+
+    ckpt = HFCheckpoint(model_dir)
+    data = token_windows(tokenize(ckpt.load_tokenizer(), embedded_text("heldout")), seqlen, windows)
+    return perplexity(ckpt.load_model(), data, progress=False)["perplexity"]
+
+
+def piqa(model_dir: str | Path, limit: int | None) -> float | None:
+    if limit == 0:
+        return None
+    from modegpt_jax.zeroshot import evaluate
+
+    return evaluate(str(model_dir), "piqa", limit=limit, progress=False)["results"]["piqa"]["acc"]
+
+
+def step_seconds(compressed: str, teacher: str, args, method: str) -> float:
+    """Seconds per training step, from steps 3-4 of a short run (the first two compile)."""
+    from converters.hf_import import HFCheckpoint
+    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.heal import HealSettings, add_lora, make_optimizer, train_step
+
+    student, dense = HFCheckpoint(compressed), HFCheckpoint(teacher)
+    settings = HealSettings(steps=4, batch_size=args.batch_size, method=method)
+    tokens = calibration_windows(student.load_tokenizer(), "wikipedia", 4 * args.batch_size, args.seqlen, 0)
+    model, teacher_model = student.load_model(), dense.load_model()
+    if method == "lora":
+        add_lora(model)
+    optimizer = make_optimizer(model, settings)
+    times = []
+    for i in range(4):
+        start = time.perf_counter()
+        train_step(model, optimizer, tokens[i * args.batch_size:(i + 1) * args.batch_size], teacher_model, settings)
+        times.append(time.perf_counter() - start)
+    return sum(times[2:]) / 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--compressed", default=None, help="a directory written by modegpt compress")
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--budgets", default="5,10,20", help="training minutes, comma-separated")
+    parser.add_argument("--methods", default="full,lora")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of full fine-tuning")
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="peak learning rate of LoRA")
+    parser.add_argument("--heldout-windows", type=int, default=40)
+    parser.add_argument("--piqa-limit", type=int, default=300, help="PIQA documents (0: skip PIQA)")
+    parser.add_argument("--json", default="benchmarks/results/heal.json")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="heal-bench-"))
+    compressed = args.compressed or str(work / "compressed")
+    if args.compressed is None:
+        subprocess.run([sys.executable, "-m", "modegpt_jax.cli", "compress", "--model", args.model, "--ratio",
+                        str(args.ratio), "--output", compressed], check=True)
+    rows = [{"model": "dense", "heldout_perplexity": held_out(args.model, args.seqlen, args.heldout_windows),
+             "piqa_acc": piqa(args.model, args.piqa_limit)},
+            {"model": f"compressed {args.ratio}", "heldout_perplexity": held_out(compressed, args.seqlen,
+                                                                                 args.heldout_windows),
+             "piqa_acc": piqa(compressed, args.piqa_limit)}]
+    print(json.dumps(rows[0]), json.dumps(rows[1]), sep="\n", flush=True)
+    from modegpt_jax.heal import HealSettings
+    from modegpt_jax.run import heal_checkpoint
+
+    for method in args.methods.split(","):
+        seconds = step_seconds(compressed, args.model, args, method)
+        for budget in (float(b) for b in args.budgets.split(",")):
+            steps = max(2, int(budget * 60 / seconds))
+            settings = HealSettings(steps=steps, batch_size=args.batch_size,
+                                    lr=args.lora_lr if method == "lora" else args.lr,
+                                    warmup=max(1, steps // 20), method=method, checkpoint_every=max(1, steps // 4))
+            out = work / f"healed-{method}-{budget:g}"
+            start = time.perf_counter()
+            report = heal_checkpoint(compressed, args.model, out, settings, seqlen=args.seqlen, progress=False)
+            row = {"model": f"healed ({method}, {budget:g} min budget)", "method": method, "budget_minutes": budget,
+                   "steps": steps, "tokens": report["tokens_seen"], "seconds_per_step_measured": seconds,
+                   "train_seconds": report["seconds_this_run"], "wall_seconds": time.perf_counter() - start,
+                   "tokens_per_second": report["tokens_per_second"],
+                   "validation_perplexity": report["validation_perplexity"],
+                   "heldout_perplexity": held_out(out, args.seqlen, args.heldout_windows),
+                   "piqa_acc": piqa(out, args.piqa_limit)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{args.model} at {args.ratio}, {platform.machine()} with {os.cpu_count()} CPUs, distillation (kd), "
+          f"{args.batch_size} x {args.seqlen} tokens per step, lr {args.lr} (LoRA {args.lora_lr})")
+    print(f"{'model':36} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'held-out ppl':>13} {'PIQA':>6}")
+    for r in rows:
+        acc = "-" if r["piqa_acc"] is None else f"{r['piqa_acc']:.3f}"
+        tps = "-" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:.0f}"
+        print(f"{r['model']:36} {r.get('steps', '-'):>6} {r.get('tokens', '-'):>9} {tps:>7} "
+              f"{r['heldout_perplexity']:13.2f} {acc:>6}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
