@@ -49,3 +49,23 @@ def test_logits_and_perplexity_match_transformers(gemma3):
     mine = mine - top - np.log(np.exp(mine - top).sum(-1, keepdims=True))
     nll = [-np.take_along_axis(lp[:, :-1], windows[:, 1:, None], -1).mean() for lp in (mine, ref)]
     assert abs(np.exp(nll[0]) / np.exp(nll[1]) - 1) < 1e-3, nll
+
+
+def test_compressed_export_loads_in_transformers_and_generates(gemma3, tmp_path):
+    """The real model compressed with key-query under its q/k norms (per-head norms, the remote-code export)."""
+    from converters.hf_export import save_model
+    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.pipeline import CompressionSettings, compress
+    from tests.test_export import load_in_clean_process
+
+    ckpt, _, _, tok = gemma3
+    calib = calibration_windows(tok, "wikipedia", 8, 256, 0)
+    settings = CompressionSettings(ratio=0.3, qk_norm_mode="corrected", attention_scale=0.5, bi_samples=4)
+    model, report = compress(ckpt, calib, settings, progress=False)
+    assert any(spec.qk_dim < 256 for spec in model.config.layers)
+    out = save_model(model, tmp_path / "export", base_hf_config=ckpt.hf_config, tokenizer_dir=ckpt.directory)
+    ids = np.asarray([tok("The capital of France is", add_special_tokens=False)["input_ids"]])
+    result, logits = load_in_clean_process(out, ids, tmp_path)
+    assert result["class"] == "ModeGPTForCausalLM" and result["generate_equals_greedy"]
+    assert result["params"] == report["params_after"]
+    np.testing.assert_allclose(logits, np.asarray(model(ids)), atol=2e-4, rtol=0)
