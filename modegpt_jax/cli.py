@@ -168,7 +168,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, clip_norm=args.clip_norm, loss=args.loss, temperature=args.temperature,
         method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        eval_every=args.eval_every, keep_best=args.keep_best, checkpoint_every=args.checkpoint_every, seed=args.seed,
     )
     report = heal_checkpoint(args.model, None if args.loss == "lm" and args.teacher is None else args.teacher,
                              args.output, settings, data=args.data, seqlen=args.seqlen, val_windows=args.val_windows,
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated projections that get adapters (default: {','.join(PROJECTIONS)})")
     he.add_argument("--eval-every", type=int, default=hd.eval_every,
                     help="validation perplexity every K steps (default: at the start and the end only)")
+    he.add_argument("--keep-best", action="store_true",
+                    help="write the weights of the best validation perplexity seen (the start included), not the last")
     he.add_argument("--val-windows", type=int, default=16,
                     help="validation windows of --seqlen tokens, from the embedded validation split (default: 16)")
     he.add_argument("--checkpoint-every", type=int, default=hd.checkpoint_every,

@@ -24,6 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from modegpt_jax.errors import UserError
+from modegpt_jax.mesh import shard_batch, to_host
 from modegpt_jax.model import Linear, Transformer
 
 __all__ = ["HealSettings", "LoRALinear", "LoRAParam", "add_lora", "heal", "kd_loss", "lm_loss", "merge_lora",
@@ -59,6 +60,7 @@ class HealSettings:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = PROJECTIONS
     eval_every: int = 0  # validation perplexity every this many steps (0: at the start and the end only)
+    keep_best: bool = False  # end with the weights of the best validation perplexity seen (step 0 included)
     checkpoint_every: int = 50  # orbax checkpoint every this many steps (with a checkpoint directory)
     seed: int = 0
 
@@ -233,6 +235,27 @@ def batch_order(n_windows: int, settings: HealSettings) -> np.ndarray:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Best:
+    """The trained parameters (host copies, a pure dict) of the best validation perplexity so far."""
+
+    step: int = -1
+    perplexity: float = math.inf
+    params: Any = None
+
+    def offer(self, step: int, perplexity: float, model, wrt) -> None:
+        if perplexity < self.perplexity:
+            self.step, self.perplexity = step, perplexity
+            self.params = jax.tree.map(to_host, nnx.to_pure_dict(nnx.state(model, wrt)))
+
+    def restore_into(self, model, wrt) -> None:
+        state = nnx.state(model, wrt)
+        current = nnx.to_pure_dict(state)
+        nnx.replace_by_pure_dict(state, jax.tree.map(
+            lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding), self.params, current))
+        nnx.update(model, state)
+
+
 class _Checkpoints:
     """orbax checkpoints of the trained parameters, the optimiser state and the history, every K steps."""
 
@@ -250,28 +273,37 @@ class _Checkpoints:
         self.settings_file.write_text(record)
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1))
 
-    def restore(self, model, optimizer, wrt) -> tuple[int, list]:
+    def restore(self, model, optimizer, wrt, best: _Best | None) -> tuple[int, list]:
+        """Load the latest checkpoint into ``model``, ``optimizer`` (and ``best``); returns (step, history)."""
         step = self.manager.latest_step()
         if step is None:
             return 0, []
         ocp = self._ocp
         params, opt = nnx.state(model, wrt), nnx.state(optimizer)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(nnx.to_pure_dict(params)),
-            optimizer=ocp.args.StandardRestore(nnx.to_pure_dict(opt)),
-            history=ocp.args.JsonRestore()))
+        items = dict(params=ocp.args.StandardRestore(nnx.to_pure_dict(params)),
+                     optimizer=ocp.args.StandardRestore(nnx.to_pure_dict(opt)), history=ocp.args.JsonRestore())
+        if best is not None:
+            items["best"] = ocp.args.StandardRestore(nnx.to_pure_dict(params))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         nnx.replace_by_pure_dict(params, restored["params"])
         nnx.replace_by_pure_dict(opt, restored["optimizer"])
         nnx.update(model, params)
         nnx.update(optimizer, opt)
-        return step, restored["history"]["history"]
+        record = restored["history"]
+        if best is not None:
+            best.step, best.perplexity = record["best_step"], record["best_perplexity"]
+            best.params = jax.tree.map(np.asarray, restored["best"])
+        return step, record["history"]
 
-    def save(self, step: int, model, optimizer, wrt, history: list) -> None:
+    def save(self, step: int, model, optimizer, wrt, history: list, best: _Best | None) -> None:
         ocp = self._ocp
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, wrt))),
-            optimizer=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))),
-            history=ocp.args.JsonSave({"history": history})))
+        record = {"history": history}
+        items = dict(params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, wrt))),
+                     optimizer=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))))
+        if best is not None:
+            items["best"] = ocp.args.StandardSave(best.params)
+            record.update(best_step=best.step, best_perplexity=best.perplexity)
+        self.manager.save(step, args=ocp.args.Composite(history=ocp.args.JsonSave(record), **items))
         self.manager.wait_until_finished()
 
     @property
@@ -292,7 +324,6 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
     ``mesh``: train on it (:func:`modegpt_jax.mesh.make_mesh`): every micro-batch split over ``"data"``, weights
     and optimiser state split over ``"model"`` as :mod:`modegpt_jax.sharding` places them; the gradient
     reductions follow from those shardings. One process only."""
-    from modegpt_jax.mesh import shard_batch
     from modegpt_jax.perplexity import perplexity
 
     settings.validate()
@@ -315,13 +346,18 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
             place(teacher, mesh)
     optimizer = make_optimizer(model, settings)
     wrt = _trained(settings)
+    if settings.keep_best and val_tokens is None:
+        raise UserError("keep_best needs validation windows to choose by", argument="keep_best")
+    best = _Best() if settings.keep_best else None
     checkpoints = None if checkpoint_dir is None else _Checkpoints(Path(checkpoint_dir), settings)
-    start_step, history = (0, []) if checkpoints is None else checkpoints.restore(model, optimizer, wrt)
+    start_step, history = (0, []) if checkpoints is None else checkpoints.restore(model, optimizer, wrt, best)
 
     def validate_at(step: int) -> None:
         if val_tokens is not None:
             ppl = perplexity(model, np.asarray(val_tokens), progress=False)["perplexity"]
             history.append({"step": step, "validation_perplexity": ppl})
+            if best is not None:
+                best.offer(step, ppl, model, wrt)
 
     if start_step == 0:
         validate_at(0)
@@ -349,11 +385,13 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
         if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
             validate_at(step + 1)
         if checkpoints is not None and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
-            checkpoints.save(step + 1, model, optimizer, wrt, history)
+            checkpoints.save(step + 1, model, optimizer, wrt, history, best)
     bar.close()
     seconds = time.perf_counter() - began
     if not history or history[-1].get("step") != settings.steps or "validation_perplexity" not in history[-1]:
         validate_at(settings.steps)
+    if best is not None and best.step != settings.steps:
+        best.restore_into(model, wrt)
     if settings.method == "lora":
         merge_lora(model)
     trained_tokens = (settings.steps - start_step) * settings.grad_accum * settings.batch_size * window_tokens
@@ -367,5 +405,8 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
         "resumed_from_step": start_step,
         "validation_perplexity": {"before": vals[0]["validation_perplexity"], "after":
                                   vals[-1]["validation_perplexity"]} if len(vals) >= 2 else None,
+        "kept_step": settings.steps if best is None else best.step,
     }
+    if best is not None:
+        report["validation_perplexity"]["after"] = best.perplexity
     return model, report

@@ -95,7 +95,8 @@ def test_lora_trains_only_the_adapters(pair):
 
 def test_killed_run_resumes_to_the_same_weights(pair, tmp_path, monkeypatch):
     ckpt, _ = pair
-    settings = HealSettings(steps=6, batch_size=2, grad_accum=2, lr=3e-3, warmup=1, checkpoint_every=2)
+    settings = HealSettings(steps=6, batch_size=2, grad_accum=2, lr=3e-3, warmup=1, checkpoint_every=2,
+                            eval_every=2, keep_best=True)
     tokens, val = data(), data(4, seed=9)
     whole, report = heal(student(pair), ckpt.load_model(), tokens, settings, val_tokens=val,
                          checkpoint_dir=tmp_path / "a", progress=False)
@@ -122,6 +123,20 @@ def test_killed_run_resumes_to_the_same_weights(pair, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="other settings"):
         heal(student(pair), ckpt.load_model(), tokens, HealSettings(steps=5, batch_size=2),
              checkpoint_dir=tmp_path / "b", progress=False)
+
+
+def test_keep_best_ends_with_the_best_validated_weights(pair):
+    ckpt, compressed = pair
+    settings = HealSettings(steps=3, batch_size=4, lr=0.5, warmup=0, eval_every=1, keep_best=True, clip_norm=1e9)
+    model, report = heal(student(pair), ckpt.load_model(), data(), settings, val_tokens=data(4, seed=9),
+                         progress=False)
+    vals = [x["validation_perplexity"] for x in report["history"] if "validation_perplexity" in x]
+    assert len(vals) == 4 and min(vals) == vals[0] < vals[-1]  # a learning rate that only makes things worse
+    assert report["kept_step"] == 0 and report["validation_perplexity"]["after"] == vals[0]
+    for (k, a), b in zip(params(compressed).items(), params(model).values()):
+        np.testing.assert_array_equal(a, b, err_msg=str(k))
+    with pytest.raises(UserError, match="keep_best needs validation windows"):
+        heal(student(pair), ckpt.load_model(), data(), settings, progress=False)
 
 
 def test_bad_input_is_refused(pair, tmp_path):
