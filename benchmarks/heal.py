@@ -44,7 +44,7 @@ def piqa(model_dir: str | Path, limit: int | None) -> float | None:
         return None
     from modegpt_jax.zeroshot import evaluate
 
-    return evaluate(str(model_dir), "piqa", limit=limit, progress=False)["results"]["piqa"]["acc"]
+    return evaluate(str(model_dir), "piqa", limit=limit, progress=False)["tasks"]["piqa"]["acc"]
 
 
 def step_seconds(compressed: str, teacher: str, args, method: str) -> float:
