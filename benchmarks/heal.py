@@ -6,7 +6,8 @@
 
 The compressed model is made first with ``modegpt compress --model M --ratio R --output DIR`` (skipped when
 ``--compressed DIR`` is given). A budget of B minutes becomes a step count from the measured time of a training
-step (two warm-up steps, not counted), and each (method, budget) pair is one run of
+step (two warm-up steps, not counted), at most one pass over the training text, and each (method, budget) pair
+is one run of
     modegpt heal --model DIR --teacher M --output OUT --steps N --method METHOD ...
 through :func:`modegpt_jax.run.heal_checkpoint`, so the schedule (warmup, cosine decay) fits the budget as it would
 for a user. Every row reports held-out perplexity (the embedded held-out text, never trained or validated on) and
@@ -98,10 +99,15 @@ def main() -> None:
     from modegpt_jax.heal import HealSettings
     from modegpt_jax.run import heal_checkpoint
 
+    from converters.hf_import import HFCheckpoint
+    from modegpt_jax.calibration import calibration_tokens, load_calibration_text
+
+    text_tokens = len(calibration_tokens(HFCheckpoint(compressed).load_tokenizer(), load_calibration_text("wikipedia")))
+    most_steps = text_tokens // args.seqlen // args.batch_size  # one pass over the training text
     for method in args.methods.split(","):
         seconds = step_seconds(compressed, args.model, args, method)
         for budget in (float(b) for b in args.budgets.split(",")):
-            steps = max(2, int(budget * 60 / seconds))
+            steps = min(most_steps, max(2, int(budget * 60 / seconds)))
             settings = HealSettings(steps=steps, batch_size=args.batch_size,
                                     lr=args.lora_lr if method == "lora" else args.lr,
                                     warmup=max(1, steps // 20), method=method, checkpoint_every=max(1, steps // 4))
