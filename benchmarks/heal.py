@@ -55,7 +55,7 @@ def step_seconds(compressed: str, teacher: str, args, method: str) -> float:
     from modegpt_jax.heal import HealSettings, add_lora, make_optimizer, train_step
 
     student, dense = HFCheckpoint(compressed), HFCheckpoint(teacher)
-    settings = HealSettings(steps=4, batch_size=args.batch_size, method=method)
+    settings = HealSettings(steps=4, batch_size=args.batch_size, warmup=1, method=method)
     tokens = calibration_windows(student.load_tokenizer(), "wikipedia", 4 * args.batch_size, args.seqlen, 0)
     model, teacher_model = student.load_model(), dense.load_model()
     if method == "lora":

@@ -161,6 +161,9 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
     if (args.steps is None) == (args.tokens is None):
         raise UserError("give exactly one of --steps and --tokens")
+    for name in ("batch_size", "grad_accum", "seqlen"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     per_step = args.batch_size * args.grad_accum * args.seqlen
     steps = args.steps if args.steps is not None else max(1, -(-args.tokens // per_step))
     settings = HealSettings(
@@ -170,9 +173,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         eval_every=args.eval_every, keep_best=args.keep_best, checkpoint_every=args.checkpoint_every, seed=args.seed,
     )
-    report = heal_checkpoint(args.model, None if args.loss == "lm" and args.teacher is None else args.teacher,
-                             args.output, settings, data=args.data, seqlen=args.seqlen, val_windows=args.val_windows,
-                             dtype=args.dtype, overwrite=args.overwrite,
+    report = heal_checkpoint(args.model, args.teacher, args.output, settings, data=args.data, seqlen=args.seqlen,
+                             val_windows=args.val_windows, overwrite=args.overwrite,
                              mesh=None if args.mesh is None else make_mesh(args.mesh))
     ppl = report["validation_perplexity"]
     if ppl:
@@ -335,7 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="orbax checkpoint every K steps, beside --output; rerunning the same command resumes "
                          f"(default: {hd.checkpoint_every})")
     he.add_argument("--seed", type=int, default=hd.seed, help="seed of the data order and the adapters (default: 0)")
-    he.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     he.add_argument("--mesh", default=None,
                     help="train on a device mesh, e.g. data=8 or data=2,model=4: batches split over data, weights "
                          "and optimiser state over model (default: one device)")

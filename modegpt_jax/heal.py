@@ -39,9 +39,10 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 class HealSettings:
     """Everything that decides the result of a recovery run (recorded in its report).
 
-    ``steps`` optimiser steps, each over ``batch_size * grad_accum`` windows (gradients summed over
+    ``steps`` optimiser steps, each over ``batch_size * grad_accum`` windows (gradients averaged over
     ``grad_accum`` micro-batches of ``batch_size``, :class:`optax.MultiSteps`); AdamW with linear warmup over
-    ``warmup`` steps then cosine decay to 0, gradients clipped to global norm ``clip_norm``. ``loss``: ``kd``
+    ``warmup`` steps (from ``lr / (warmup + 1)``, so the first step already moves) then cosine decay to 0,
+    gradients clipped to global norm ``clip_norm``. ``loss``: ``kd``
     (KL divergence from the teacher's token distributions at ``temperature``, times ``temperature**2``),
     ``lm`` (next-token cross-entropy) or ``kd+lm`` (their sum). ``method``: ``full`` (every parameter) or
     ``lora`` (rank-``lora_rank`` adapters on ``lora_targets``, scaled by ``lora_alpha / lora_rank``)."""
@@ -71,6 +72,9 @@ class HealSettings:
         for name in ("warmup", "eval_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}", argument=name)
+        if self.steps >= 1 and self.warmup >= self.steps:
+            raise UserError(f"warmup ({self.warmup} steps) must be shorter than the run ({self.steps} steps)",
+                            argument=("warmup", "steps"))
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise UserError(f"lr must be a positive number, got {self.lr}", argument="lr")
         if self.weight_decay < 0 or self.clip_norm <= 0 or self.temperature <= 0:
@@ -134,10 +138,15 @@ def add_lora(model: Transformer, targets: tuple[str, ...] = PROJECTIONS, rank: i
              seed: int = 0) -> Transformer:
     """Wrap the ``targets`` projections of every block in :class:`LoRALinear` (in place; returns the model)."""
     rngs = nnx.Rngs(seed)
+    wrapped = 0
     for parent, name in _projections(model):
         module = getattr(parent, name)
         if name in targets and isinstance(module, Linear):
             setattr(parent, name, LoRALinear(module, rank, alpha, rngs=rngs))
+            wrapped += 1
+    if not wrapped:
+        raise UserError(f"lora_targets {', '.join(targets)} name no projection of this model "
+                        f"({', '.join(sorted({name for _, name in _projections(model)}))})", argument="lora_targets")
     return model
 
 
@@ -214,7 +223,7 @@ def _trained(settings: HealSettings):
 
 def make_optimizer(model: Transformer, settings: HealSettings) -> nnx.Optimizer:
     """AdamW with warmup and cosine decay, global-norm clipping, gradient accumulation."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, settings.warmup,
+    schedule = optax.warmup_cosine_decay_schedule(settings.lr / (settings.warmup + 1), settings.lr, settings.warmup,
                                                   max(settings.steps, settings.warmup + 1), 0.0)
     tx = optax.chain(optax.clip_by_global_norm(settings.clip_norm),
                      optax.adamw(schedule, weight_decay=settings.weight_decay))
@@ -235,6 +244,12 @@ def batch_order(n_windows: int, settings: HealSettings) -> np.ndarray:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
+def _digest(array: np.ndarray) -> str:
+    import hashlib
+
+    return f"{list(array.shape)}:{hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]}"
+
+
 @dataclasses.dataclass
 class _Best:
     """The trained parameters (host copies, a pure dict) of the best validation perplexity so far."""
@@ -244,7 +259,7 @@ class _Best:
     params: Any = None
 
     def offer(self, step: int, perplexity: float, model, wrt) -> None:
-        if perplexity < self.perplexity:
+        if self.params is None or perplexity < self.perplexity:  # the first offer is kept whatever its value
             self.step, self.perplexity = step, perplexity
             self.params = jax.tree.map(to_host, nnx.to_pure_dict(nnx.state(model, wrt)))
 
@@ -259,19 +274,23 @@ class _Best:
 class _Checkpoints:
     """orbax checkpoints of the trained parameters, the optimiser state and the history, every K steps."""
 
-    def __init__(self, directory: Path, settings: HealSettings):
+    def __init__(self, directory: Path, fingerprint: dict[str, Any]):
+        """``fingerprint``: what must be the same for a run to continue another (settings, data, models)."""
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # as it reads back (tuples as lists)
         self.directory = Path(directory).absolute()
-        self.settings_file = self.directory / "heal_settings.json"
-        record = json.dumps(dataclasses.asdict(settings), sort_keys=True)
-        if self.settings_file.exists() and self.settings_file.read_text() != record:
-            raise UserError(f"checkpoint directory {self.directory} holds a run with other settings: rerun with the "
-                            "same settings to resume, or delete that directory")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.settings_file.write_text(record)
+        self.run_file = self.directory / "heal_run.json"
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1))
+        if self.manager.latest_step() is not None and self.run_file.exists():
+            saved = json.loads(self.run_file.read_text())
+            changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+            if changed:
+                raise UserError(f"checkpoint directory {self.directory} holds a run with other {', '.join(changed)}: "
+                                "rerun with the same ones to resume it, or delete that directory to start over")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.run_file.write_text(json.dumps(fingerprint, sort_keys=True))
 
     def restore(self, model, optimizer, wrt, best: _Best | None) -> tuple[int, list]:
         """Load the latest checkpoint into ``model``, ``optimizer`` (and ``best``); returns (step, history)."""
@@ -334,22 +353,28 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
                         f"{model.config.vocab_size}", argument="teacher")
     tokens = np.asarray(tokens, np.int32)
     order = batch_order(len(tokens), settings)
+    if settings.keep_best and val_tokens is None:
+        raise UserError("keep_best needs validation windows to choose by", argument="keep_best")
+    if mesh is not None and jax.process_count() > 1:
+        raise UserError("training on a mesh across processes is not supported yet", argument="mesh")
+    checkpoints = None
+    if checkpoint_dir is not None:  # refuses a directory of another run before the model is touched
+        checkpoints = _Checkpoints(Path(checkpoint_dir), {
+            "settings": dataclasses.asdict(settings), "data": _digest(tokens),
+            "validation": None if val_tokens is None else _digest(np.asarray(val_tokens, np.int32)),
+            "model": model.config.to_json(), "dtype": str(model.dtype),
+            "teacher": None if teacher is None else teacher.config.to_json()})
     if settings.method == "lora":
         add_lora(model, settings.lora_targets, settings.lora_rank, settings.lora_alpha, settings.seed)
     if mesh is not None:
         from modegpt_jax.sharding import place
 
-        if jax.process_count() > 1:
-            raise UserError("training on a mesh across processes is not supported yet", argument="mesh")
         place(model, mesh)
         if teacher is not None:
             place(teacher, mesh)
     optimizer = make_optimizer(model, settings)
     wrt = _trained(settings)
-    if settings.keep_best and val_tokens is None:
-        raise UserError("keep_best needs validation windows to choose by", argument="keep_best")
     best = _Best() if settings.keep_best else None
-    checkpoints = None if checkpoint_dir is None else _Checkpoints(Path(checkpoint_dir), settings)
     start_step, history = (0, []) if checkpoints is None else checkpoints.restore(model, optimizer, wrt, best)
 
     def validate_at(step: int) -> None:
@@ -373,7 +398,8 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
         row = {"step": step + 1, **{k: float(np.mean([x[k] for x in losses])) for k in losses[0]}}
         if not math.isfinite(row["loss"]):
             kept = "" if checkpoints is None or checkpoints.latest is None else (
-                f"; the last good checkpoint is step {checkpoints.latest} in {checkpoints.directory}")
+                f"; the last good checkpoint is step {checkpoints.latest} in {checkpoints.directory} (delete it to "
+                "start again with other settings)")
             raise UserError(f"the loss became {row['loss']} at step {step + 1} (lr {settings.lr} too high?){kept}",
                             argument="lr")
         history.append(row)

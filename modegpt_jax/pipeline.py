@@ -319,6 +319,9 @@ def corrected_qk_norms(attn: Attention, cfg: ModelConfig, channels: np.ndarray, 
     norms). The kept channels' gains times ``c`` are the new weights; ``c = 1`` when every channel is kept."""
     group = cfg.group_size
     dh = cfg.head_dim
+    if attn.q_norm.weight.ndim != 1:
+        raise UserError("key-query of this model was already compressed under its q/k norms (per-head norm "
+                        "weights): compress the dense model instead", argument="qk_norm_mode")
 
     def weights(norm: Norm, energy, kept: np.ndarray) -> np.ndarray:
         w = to_host(norm.weight[...]).astype(np.float64)

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 
+from modegpt_jax.config import ModelConfig
 from modegpt_jax.errors import UserError
 from modegpt_jax.pipeline import CompressionSettings
 
@@ -148,15 +149,25 @@ def heal_dir(output: Path) -> Path:
 TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog. 1234567890 -- Zürich, naïve café: ok?"
 
 
+def architecture_differences(student: ModelConfig, teacher: ModelConfig) -> list[str]:
+    """Why ``student`` cannot be a compressed version of ``teacher`` (empty when it can): the same family, vocabulary,
+    hidden size, layers, heads and head dimension, and no layer wider than the teacher's."""
+    fields = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+    differ = [f"{f} {getattr(student, f)} vs {getattr(teacher, f)}" for f in fields
+              if getattr(student, f) != getattr(teacher, f)]
+    if not differ:
+        differ = [f"layer {i} {name} {getattr(s, name)} > {getattr(t, name)}"
+                  for i, (s, t) in enumerate(zip(student.layers, teacher.layers))
+                  for name in ("mlp_width", "qk_dim", "vo_dim") if getattr(s, name) > getattr(t, name)]
+    return differ
+
+
 def check_student_teacher(student, teacher) -> None:
     """Refuse, with the reason, a teacher whose architecture or tokenizer is not the student's dense origin
     (``student``, ``teacher``: :class:`~converters.hf_import.HFCheckpoint`)."""
-    s, t = student.config, teacher.config
-    fields = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-              "intermediate_size")
-    differ = [f"{f} {getattr(s, f)} vs {getattr(t, f)}" for f in fields if getattr(s, f) != getattr(t, f)]
+    differ = architecture_differences(student.config, teacher.config)
     if differ:
-        raise UserError(f"model is not a compressed version of teacher ({'; '.join(differ)})",
+        raise UserError(f"model is not a compressed version of teacher ({'; '.join(differ[:4])})",
                         argument=("model", "teacher"))
     if student.load_tokenizer()(TOKENIZER_PROBE)["input_ids"] != teacher.load_tokenizer()(TOKENIZER_PROBE)["input_ids"]:
         raise UserError("teacher encodes text differently from model (their tokenizers differ)",
@@ -164,17 +175,18 @@ def check_student_teacher(student, teacher) -> None:
 
 
 def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, data: str = "wikipedia",
-                    seqlen: int = 512, val_windows: int = 16, dtype: str = "float32", overwrite: bool = False,
+                    seqlen: int = 512, val_windows: int = 16, overwrite: bool = False,
                     mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict[str, Any]:
     """Recovery training of the compressed ``model`` (a directory written by ``modegpt compress``, or any
     checkpoint :class:`~converters.hf_import.HFCheckpoint` reads) from the dense ``teacher`` with
     :class:`~modegpt_jax.heal.HealSettings` ``settings``; writes the healed model to ``output`` and returns the
     report. ``data``: a calibration source (never the held-out text); validation perplexity is measured on
-    ``val_windows`` windows of the embedded validation text. ``teacher`` may be None for ``loss="lm"``.
-    ``mesh``: as :func:`modegpt_jax.heal.heal`."""
+    ``val_windows`` windows of the embedded validation text. ``teacher`` may be None for ``loss="lm"`` (and is not
+    loaded then). Both models are trained and run in float32 (no low-precision master weights). ``overwrite``
+    also discards the checkpoints of an earlier run for ``output``. ``mesh``: as :func:`modegpt_jax.heal.heal`."""
     from converters.hf_export import save_model
     from converters.hf_import import HFCheckpoint
-    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.calibration import calibration_tokens, load_calibration_text, sample_windows
     from modegpt_jax.heal import heal
     from modegpt_jax.perplexity import token_windows, tokenize
     from modegpt_jax.report import heal_plot
@@ -184,20 +196,35 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     out = check_output(output, overwrite)
     if val_windows < 0:
         raise UserError(f"val_windows must be >= 0, got {val_windows}", argument="val_windows")
+    if seqlen < 2:
+        raise UserError(f"seqlen must be at least 2, got {seqlen}", argument="seqlen")
+    if val_windows and str(data).strip().lower() == "wikipedia-validation":
+        raise UserError("data wikipedia-validation is the text validation perplexity is measured on: train on "
+                        "another text, or set val_windows to 0", argument=("data", "val_windows"))
+    if overwrite:
+        shutil.rmtree(heal_dir(out), ignore_errors=True)
     start = time.perf_counter()
-    student = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model, dtype=dtype)
+    student = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model)
     if settings.loss != "lm" and teacher is None:
         raise UserError(f"loss {settings.loss!r} needs a teacher (the dense model)", argument="teacher")
     dense = None
     if teacher is not None:
-        dense = teacher if isinstance(teacher, HFCheckpoint) else HFCheckpoint(teacher, dtype=dtype)
+        dense = teacher if isinstance(teacher, HFCheckpoint) else HFCheckpoint(teacher)
         check_student_teacher(student, dense)
     tokenizer = student.load_tokenizer()
-    windows = calibration_windows(tokenizer, data, settings.windows_needed, seqlen, settings.seed)
+    text = calibration_tokens(tokenizer, load_calibration_text(data))
+    needed = settings.windows_needed
+    if len(text) < needed * seqlen:
+        raise UserError(f"the training text {data!r} has {len(text)} tokens, {settings.steps} steps of "
+                        f"{settings.grad_accum} x {settings.batch_size} windows of {seqlen} tokens need "
+                        f"{needed * seqlen}: fewer steps, a smaller batch_size or seqlen, or more data",
+                        argument=("steps", "batch_size", "seqlen", "data"))
+    windows = sample_windows(text, needed, seqlen, settings.seed, source=repr(str(data)))
     val = (token_windows(tokenize(tokenizer, embedded_text("validation")), seqlen, val_windows)
            if val_windows else None)
-    healed, report = heal(student.load_model(), None if dense is None else dense.load_model(), windows, settings,
-                          val_tokens=val, checkpoint_dir=heal_dir(out), mesh=mesh, progress=progress)
+    teacher_model = None if dense is None or settings.loss == "lm" else dense.load_model("float32")
+    healed, report = heal(student.load_model("float32"), teacher_model, windows, settings, val_tokens=val,
+                          checkpoint_dir=heal_dir(out), mesh=mesh, progress=progress)
     report.update(model=str(model if not isinstance(model, HFCheckpoint) else student.directory.name),
                   teacher=None if teacher is None else str(teacher if not isinstance(teacher, HFCheckpoint)
                                                            else dense.directory.name),

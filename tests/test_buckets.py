@@ -30,20 +30,23 @@ def randomise(module, seed):
     nnx.update(module, state)
 
 
-@pytest.mark.parametrize("rope,bias,qk_norm", [(True, False, None), (True, True, None), (False, True, None),
-                                              (True, True, "rms"), (True, False, "rms_offset")])
-def test_bucketed_attention_is_exact(rope, bias, qk_norm):
+@pytest.mark.parametrize("rope,bias,qk_norm,qk", [(True, False, None, 22), (True, True, None, 22),
+                                                 (False, True, None, 22), (True, True, "rms", 22),
+                                                 (True, False, "rms_offset", 22), (True, False, "rms", 30)])
+def test_bucketed_attention_is_exact(rope, bias, qk_norm, qk):
     cfg = config(rope, bias, qk_norm=qk_norm)
-    pairs = ((0, 1, 2, 3, 5, 6, 8, 9, 11, 13, 15), tuple(range(5, 16))) if rope else None  # 11 pairs per group
-    spec = LayerSpec(160, 22, 19, pairs)
+    # 11 (or 15) pairs per group
+    pairs = tuple(tuple(p) for p in np.sort(np.random.default_rng(0).permuted(np.tile(np.arange(16), (2, 1)),
+                                                                             axis=1)[:, : qk // 2], axis=1))
+    spec = LayerSpec(160, qk, 19, pairs if rope else None)
     attn = Attention(cfg, spec, dtype=jnp.float32, rngs=nnx.Rngs(0))
     randomise(attn, 1)
     if rope:
         attn.rope_freqs.set_value(jnp.asarray(kept_pair_frequencies(cfg, spec)))
     if qk_norm:
-        assert attn.q_norm.weight.shape == (6, 22) and attn.k_norm.weight.shape == (2, 22)
+        assert attn.q_norm.weight.shape == (6, qk) and attn.k_norm.weight.shape == (2, qk)
     padded = bucketed_attention(attn, cfg, spec)
-    assert padded.qk_dim == width_bucket(22, 32, parts=8, multiple=2 if rope else 1) > 22
+    assert padded.qk_dim == width_bucket(qk, 32, parts=8, multiple=2 if rope else 1) > qk
     assert padded.vo_dim == width_bucket(19, 32, parts=8) > 19
     x = jax.random.normal(jax.random.key(2), (2, 13, 48))
     pos = jnp.broadcast_to(jnp.arange(13), (2, 13))

@@ -1,5 +1,6 @@
 """Recovery training (``modegpt heal``): the train step, the losses, LoRA, resume, and the CLI end to end."""
 
+import dataclasses
 import json
 import types
 
@@ -14,6 +15,7 @@ from modegpt_jax import heal as healing
 from modegpt_jax.errors import UserError
 from modegpt_jax.heal import HealSettings, add_lora, heal, kd_loss, lm_loss, make_optimizer, merge_lora, train_step
 from modegpt_jax.pipeline import compress
+from modegpt_jax.run import heal_checkpoint
 from tests.hf_models import make_hf_model, save_hf_model
 from tests.test_cli_errors import assert_user_error, run_cli
 from tests.test_pipeline import equal_split
@@ -93,10 +95,11 @@ def test_lora_trains_only_the_adapters(pair):
     assert changed and all(k[-2] in ("q_proj", "down_proj") and k[-1] == "kernel" for k in changed)
 
 
-def test_killed_run_resumes_to_the_same_weights(pair, tmp_path, monkeypatch):
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_killed_run_resumes_to_the_same_weights(pair, tmp_path, monkeypatch, keep_best):
     ckpt, _ = pair
     settings = HealSettings(steps=6, batch_size=2, grad_accum=2, lr=3e-3, warmup=1, checkpoint_every=2,
-                            eval_every=2, keep_best=True)
+                            eval_every=2, keep_best=keep_best, method="lora" if keep_best else "full")
     tokens, val = data(), data(4, seed=9)
     whole, report = heal(student(pair), ckpt.load_model(), tokens, settings, val_tokens=val,
                          checkpoint_dir=tmp_path / "a", progress=False)
@@ -117,12 +120,19 @@ def test_killed_run_resumes_to_the_same_weights(pair, tmp_path, monkeypatch):
     resumed, again = heal(student(pair), ckpt.load_model(), tokens, settings, val_tokens=val,
                           checkpoint_dir=tmp_path / "b", progress=False)
     assert again["resumed_from_step"] == 4
+    assert again["kept_step"] == report["kept_step"] and (keep_best or report["kept_step"] == 6)
     for (k, a), b in zip(params(whole).items(), params(resumed).values()):
         np.testing.assert_array_equal(a, b, err_msg=str(k))
     assert [x.get("loss") for x in again["history"]] == [x.get("loss") for x in report["history"]]
-    with pytest.raises(UserError, match="other settings"):
-        heal(student(pair), ckpt.load_model(), tokens, HealSettings(steps=5, batch_size=2),
+    # Another run's settings or data do not continue this one (and leave the caller's model untouched).
+    fresh = student(pair)
+    with pytest.raises(UserError, match="holds a run with other settings"):
+        heal(fresh, ckpt.load_model(), tokens, HealSettings(steps=5, batch_size=2, warmup=1, method="lora"),
              checkpoint_dir=tmp_path / "b", progress=False)
+    with pytest.raises(UserError, match="holds a run with other data"):
+        heal(fresh, ckpt.load_model(), tokens[::-1], settings, val_tokens=val, checkpoint_dir=tmp_path / "b",
+             progress=False)
+    assert not nnx.state(fresh, healing.LoRAParam)
 
 
 def test_keep_best_ends_with_the_best_validated_weights(pair):
@@ -145,14 +155,38 @@ def test_bad_input_is_refused(pair, tmp_path):
         heal(student(pair), ckpt.load_model(), data(), HealSettings(steps=100, batch_size=4), progress=False)
     other_vocab = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=64))
     with pytest.raises(UserError, match="teacher has a vocabulary of 64 tokens, the model one of 128"):
-        heal(student(pair), other_vocab, data(), HealSettings(steps=1), progress=False)
+        heal(student(pair), other_vocab, data(), HealSettings(steps=1, warmup=0), progress=False)
     with pytest.raises(UserError, match="needs a teacher"):
-        heal(student(pair), None, data(), HealSettings(steps=1), progress=False)
+        heal(student(pair), None, data(), HealSettings(steps=1, warmup=0), progress=False)
     with pytest.raises(UserError, match="lr must be"):
         HealSettings(lr=0.0).validate()
+    with pytest.raises(UserError, match=r"warmup \(10 steps\) must be shorter than the run \(4 steps\)"):
+        HealSettings(steps=4, warmup=10).validate()
+    with pytest.raises(UserError, match="lora_targets nothing name no projection of this model"):
+        add_lora(nnx.clone(pair[1]), ("nothing",))
+    with pytest.raises(UserError, match="data wikipedia-validation is the text validation perplexity"):
+        heal_checkpoint("unused", "unused", tmp_path / "out", HealSettings(), data="wikipedia-validation")
     settings = HealSettings(steps=4, batch_size=4, lr=1e30, warmup=0, loss="lm", checkpoint_every=1, clip_norm=1e30)
     with pytest.raises(UserError, match="the loss became (nan|inf|-inf) at step .*the last good checkpoint is step"):
         heal(student(pair), None, data() * 0 + 5, settings, checkpoint_dir=tmp_path / "c", progress=False)
+
+
+def test_a_student_is_any_narrower_model_of_the_teachers_shape(pair):
+    from modegpt_jax.config import LayerSpec
+    from modegpt_jax.run import architecture_differences
+
+    ckpt, compressed = pair
+    dense = ckpt.config
+    assert architecture_differences(compressed.config, dense) == []
+    # an MLP-only export keeps the stock architecture with a smaller intermediate_size: still a student
+    stock = dataclasses.replace(dense, intermediate_size=48).with_layers(
+        [LayerSpec(48, dense.head_dim, dense.head_dim) for _ in dense.layers])
+    assert architecture_differences(stock, dense) == []
+    narrow_teacher = dense.with_layers([LayerSpec(40, 8, 8)] * 2)
+    assert architecture_differences(dense, narrow_teacher) == [
+        f"layer {i} {name} {dense.intermediate_size if name == 'mlp_width' else dense.head_dim} > "
+        f"{40 if name == 'mlp_width' else 8}" for i in range(2) for name in ("mlp_width", "qk_dim", "vo_dim")]
+    assert architecture_differences(dataclasses.replace(dense, hidden_size=32), dense) == ["hidden_size 32 vs 64"]
 
 
 @pytest.mark.real_model

@@ -93,7 +93,7 @@ def rope_fields(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         raise UserError(
             f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
-    if merged.get("partial_rotary_factor", 1.0) != 1.0:
+    if merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UserError("partial_rotary_factor != 1 is not supported")
     if rope_type == "default":
         return float(theta), None
