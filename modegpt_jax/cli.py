@@ -164,6 +164,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
     for name in ("batch_size", "grad_accum", "seqlen"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    _init_distributed(args)
     per_step = args.batch_size * args.grad_accum * args.seqlen
     steps = args.steps if args.steps is not None else max(1, -(-args.tokens // per_step))
     settings = HealSettings(
@@ -175,7 +176,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
     )
     report = heal_checkpoint(args.model, args.teacher, args.output, settings, data=args.data, seqlen=args.seqlen,
                              val_windows=args.val_windows, overwrite=args.overwrite,
-                             mesh=None if args.mesh is None else make_mesh(args.mesh))
+                             mesh=None if args.mesh is None and args.coordinator is None else make_mesh(args.mesh))
     ppl = report["validation_perplexity"]
     if ppl:
         print(f"validation perplexity {ppl['before']:.3f} -> {ppl['after']:.3f}")
@@ -339,7 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--seed", type=int, default=hd.seed, help="seed of the data order and the adapters (default: 0)")
     he.add_argument("--mesh", default=None,
                     help="train on a device mesh, e.g. data=8 or data=2,model=4: batches split over data, weights "
-                         "and optimiser state over model (default: one device)")
+                         "and optimiser state over model (default: one device; all devices with --coordinator)")
+    he.add_argument("--coordinator", default=None,
+                    help="multi-host: coordinator address host:port for jax.distributed.initialize, or auto")
+    he.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    he.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     he.set_defaults(func=cmd_heal)
     return parser
 

@@ -214,7 +214,7 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, tokens, teacher: Tr
     teacher_logits = _teacher_logits(teacher, tokens) if settings.loss != "lm" else None
     value, parts = _step(model, optimizer, tokens, teacher_logits, loss=settings.loss,
                          temperature=settings.temperature, wrt=_trained(settings))
-    return {"loss": float(value), **{k: float(v) for k, v in parts.items()}}
+    return {"loss": float(to_host(value)), **{k: float(to_host(v)) for k, v in parts.items()}}
 
 
 def _trained(settings: HealSettings):
@@ -266,8 +266,12 @@ class _Best:
     def restore_into(self, model, wrt) -> None:
         state = nnx.state(model, wrt)
         current = nnx.to_pure_dict(state)
-        nnx.replace_by_pure_dict(state, jax.tree.map(
-            lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding), self.params, current))
+
+        def put(new, old):  # each device takes its block of the host copy (also across processes)
+            new = np.asarray(new, old.dtype)
+            return jax.make_array_from_callback(new.shape, old.sharding, lambda index: new[index])
+
+        nnx.replace_by_pure_dict(state, jax.tree.map(put, self.params, current))
         nnx.update(model, state)
 
 
@@ -289,8 +293,9 @@ class _Checkpoints:
             if changed:
                 raise UserError(f"checkpoint directory {self.directory} holds a run with other {', '.join(changed)}: "
                                 "rerun with the same ones to resume it, or delete that directory to start over")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.run_file.write_text(json.dumps(fingerprint, sort_keys=True))
+        if jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.run_file.write_text(json.dumps(fingerprint, sort_keys=True))
 
     def restore(self, model, optimizer, wrt, best: _Best | None) -> tuple[int, list]:
         """Load the latest checkpoint into ``model``, ``optimizer`` (and ``best``); returns (step, history)."""
@@ -342,7 +347,8 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
     settings resumes from its last checkpoint. With ``method="lora"`` the adapters are merged before returning.
     ``mesh``: train on it (:func:`modegpt_jax.mesh.make_mesh`): every micro-batch split over ``"data"``, weights
     and optimiser state split over ``"model"`` as :mod:`modegpt_jax.sharding` places them; the gradient
-    reductions follow from those shardings. One process only."""
+    reductions follow from those shardings. In a ``jax.distributed`` run every process calls this with the same
+    arguments (all the data) and feeds its share of each batch."""
     from modegpt_jax.perplexity import perplexity
 
     settings.validate()
@@ -355,8 +361,12 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
     order = batch_order(len(tokens), settings)
     if settings.keep_best and val_tokens is None:
         raise UserError("keep_best needs validation windows to choose by", argument="keep_best")
-    if mesh is not None and jax.process_count() > 1:
-        raise UserError("training on a mesh across processes is not supported yet", argument="mesh")
+    processes = jax.process_count()
+    if processes > 1 and mesh is None:
+        raise UserError("a multi-process run trains on a mesh: pass one", argument="mesh")
+    if settings.batch_size % processes:
+        raise UserError(f"batch_size {settings.batch_size} must be a multiple of the {processes} processes",
+                        argument="batch_size")
     checkpoints = None
     if checkpoint_dir is not None:  # refuses a directory of another run before the model is touched
         checkpoints = _Checkpoints(Path(checkpoint_dir), {
@@ -379,7 +389,7 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
 
     def validate_at(step: int) -> None:
         if val_tokens is not None:
-            ppl = perplexity(model, np.asarray(val_tokens), progress=False)["perplexity"]
+            ppl = perplexity(model, np.asarray(val_tokens), progress=False, mesh=mesh)["perplexity"]
             history.append({"step": step, "validation_perplexity": ppl})
             if best is not None:
                 best.offer(step, ppl, model, wrt)
@@ -393,8 +403,11 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
         losses = []
         for micro in range(settings.grad_accum):
             rows = tokens[order[step * settings.grad_accum + micro]]
-            losses.append(train_step(model, optimizer, rows if mesh is None else shard_batch(rows, mesh), teacher,
-                                     settings))
+            if mesh is not None:  # every process holds every row and feeds its own share of the batch
+                share = settings.batch_size // processes
+                index = jax.process_index()
+                rows = shard_batch(rows[index * share:(index + 1) * share], mesh)
+            losses.append(train_step(model, optimizer, rows, teacher, settings))
         row = {"step": step + 1, **{k: float(np.mean([x[k] for x in losses])) for k in losses[0]}}
         if not math.isfinite(row["loss"]):
             kept = "" if checkpoints is None or checkpoints.latest is None else (

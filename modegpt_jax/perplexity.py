@@ -50,16 +50,23 @@ def _window_nll(model: Transformer, h: jax.Array, tokens: jax.Array) -> jax.Arra
     return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
-def window_nll(model: Transformer, tokens: np.ndarray) -> float:
-    return float(_window_nll(model, hidden_states(model, jnp.asarray(tokens)), jnp.asarray(tokens)))
+def window_nll(model: Transformer, tokens: np.ndarray, mesh=None) -> float:
+    """Summed NLL of ``tokens``; with ``mesh`` (a model placed on it, possibly across processes), the tokens go
+    whole onto every device and every process gets the sum."""
+    from modegpt_jax.mesh import replicate, to_host
+
+    tokens = jnp.asarray(tokens) if mesh is None else replicate(np.asarray(tokens), mesh)
+    return float(to_host(_window_nll(model, hidden_states(model, tokens), tokens)))
 
 
-def perplexity(model: Transformer, windows: np.ndarray, *, batch_size: int = 4, progress: bool = True) -> dict:
-    """``exp(mean NLL)`` over every predicted token (``seqlen - 1`` per window)."""
+def perplexity(model: Transformer, windows: np.ndarray, *, batch_size: int = 4, progress: bool = True,
+               mesh=None) -> dict:
+    """``exp(mean NLL)`` over every predicted token (``seqlen - 1`` per window); ``mesh``: see
+    :func:`window_nll`."""
     total = 0.0
     batches = range(0, len(windows), batch_size)
     for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-        total += window_nll(model, windows[start : start + batch_size])
+        total += window_nll(model, windows[start : start + batch_size], mesh)
     predicted = windows.shape[0] * (windows.shape[1] - 1)
     nll = total / predicted
     return {

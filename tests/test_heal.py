@@ -252,3 +252,14 @@ def test_training_on_a_mesh_matches_one_device(pair, tmp_path):
     before = params(compressed)
     changed = sum(not np.allclose(one[".".join(map(str, k))], v) for k, v in before.items())
     assert changed > 0  # the comparison is of trained weights
+
+    # Two jax.distributed processes of 4 devices each, data across them and model within each: the same weights.
+    from tests.processes import run_distributed
+
+    out = tmp_path / "two_processes.npz"
+    run_distributed("tests.heal_worker", lambda port, i: [out, student, ckpt.directory, mesh, port, i, 2],
+                    processes=2, devices_per_process=4, timeout=600)
+    two = dict(np.load(out))
+    assert (tmp_path / "two_processes.npz.checkpoints").is_dir()  # orbax checkpoints written by both processes
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], atol=2e-5, rtol=1e-4, err_msg=name)
