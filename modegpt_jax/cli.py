@@ -185,6 +185,38 @@ def cmd_heal(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from converters.gguf_export import source_gguf, write_gguf
+    from converters.hf_import import HFCheckpoint
+    from converters.resolve import EMBEDDED_MODELS, embedded_model_file
+
+    output = Path(args.output).expanduser()
+    if output.exists() and not args.overwrite:
+        raise UserError(f"--output {output} exists: choose another file or pass --overwrite")
+    checkpoint = HFCheckpoint(args.model)
+    tokenizer = args.tokenizer_gguf
+    if tokenizer is None:
+        found = (embedded_model_file(args.model) if args.model in EMBEDDED_MODELS
+                 else source_gguf(checkpoint.directory))
+        if found is None:
+            raise UserError("the tokenizer comes from a GGUF file of the source model: pass --tokenizer-gguf FILE")
+        tokenizer = found
+    info = write_gguf(checkpoint.load_model(), output, tokenizer_gguf=tokenizer, tensor_type=args.type,
+                      name=Path(args.model).name)
+    pad = info["padding"]
+    if info["kept_f16"]:
+        print(f"{len(info['kept_f16'])} matrices whose rows are not whole {args.type} blocks of 32 were written f16 "
+              f"(e.g. {info['kept_f16'][0]}); compress with --width-multiple 32 to quantise them all")
+    print(f"written {info['path']} ({info['type']}, {info['bytes'] / 2**20:.1f} MiB); feed_forward_length per layer: "
+          f"{info['feed_forward_length']}")
+    if pad["attention_params_restored"]:
+        print(f"attention padded back to the full head dimension (exact): {pad['attention_params_restored']:,} "
+              f"parameters ({pad['bytes_restored'] / 2**20:.1f} MiB) and {pad['kv_cache_values_per_token_restored']}"
+              " KV-cache values per token restored; compress with --attention-scale 0 (MLP only) for a layout "
+              "that loses nothing to padding")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from modegpt_jax.pipeline import CompressionSettings
 
@@ -289,6 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PyTorch intra-op threads (default: one per core, as JAX's CPU client uses)")
     be.add_argument("--json", help="also write the results to this JSON file")
     be.set_defaults(func=cmd_bench)
+
+    gg = sub.add_parser("export-gguf", help="write a model (compressed or dense) as a GGUF file for llama.cpp")
+    gg.add_argument("--model", required=True, help="a directory written by modegpt compress, or any --model")
+    gg.add_argument("--output", required=True, help="the .gguf file to write")
+    gg.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"],
+                    help="tensor type of the weight matrices (norms stay f32; default: f16); other types: write f16 "
+                         "and run llama.cpp's llama-quantize")
+    gg.add_argument("--tokenizer-gguf", default=None,
+                    help="a GGUF file of the source model to take the tokenizer from (default: the embedded "
+                         "model's, found through the directory's report.json)")
+    gg.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    gg.set_defaults(func=cmd_export_gguf)
 
     from modegpt_jax.heal import PROJECTIONS, HealSettings
 

@@ -1,0 +1,213 @@
+"""Compressed (or dense) models as GGUF files for llama.cpp (``modegpt export-gguf``).
+
+llama.cpp reads a per-layer array for ``{arch}.feed_forward_length``, so per-layer MLP widths are native there; the
+attention head dimension is one value for the whole model. A compressed attention is therefore brought back to the
+full head dimension with zeros, which is exact: a zero query/key channel adds nothing to a score, a zero value
+channel meets zero rows of the output projection, and the kept RoPE pairs go back to their original positions, so
+the stock rotary embedding applies (each pair at its original frequency). What that costs is reported
+(:func:`padding_cost`); MLP-only compression (``--attention-scale 0``) needs no padding.
+
+Layout of the ``llama`` architecture as llama.cpp's own converter writes it: tensors ``token_embd``,
+``blk.{i}.attn_norm/attn_q/attn_k/attn_v/attn_output/ffn_norm/ffn_gate/ffn_up/ffn_down``, ``output_norm``,
+``output`` (left out when the embeddings are tied), PyTorch orientation (``[out, in]``), with the query and key
+rows of each head reordered from the Hugging Face ``rotate_half`` layout to llama.cpp's adjacent pairs
+(:func:`interleave_pairs`). The tokenizer is copied from a GGUF of the source model (the embedded models' own
+files, or ``tokenizer_gguf``).
+
+Status: the tensors of a dense export equal the source GGUF's (tests); loading in llama.cpp itself is not yet
+checked here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from modegpt_jax.config import LayerSpec, ModelConfig
+from modegpt_jax.errors import UserError
+
+#: Our model_type -> llama.cpp architecture, for the families whose tensors this writer lays out.
+ARCHITECTURES = {"llama": "llama"}
+#: Tensor types written directly (everything 2-D; norms stay float32). A matrix whose rows are not a whole number
+#: of quantisation blocks (a compressed width that is not a multiple of 32) is written f16, as llama.cpp's converter
+#: does; ``--width-multiple 32`` at compression avoids that.
+TYPES = ("f32", "f16", "q8_0")
+
+
+def interleave_pairs(rows: np.ndarray, heads: int) -> np.ndarray:
+    """Per head, rows ``[c_0 .. c_{d/2-1}, c_{d/2} .. c_{d-1}]`` (``rotate_half`` pairs ``(p, p + d/2)``) reordered
+    to ``[c_0, c_{d/2}, c_1, c_{d/2+1}, ...]`` (adjacent pairs, llama.cpp's rotary layout)."""
+    d = rows.shape[0] // heads
+    return rows.reshape(heads, 2, d // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def pad_heads(rows: np.ndarray, heads: int, width: int, full: int, pairs: list[list[int]] | None,
+              group_size: int = 1) -> np.ndarray:
+    """Rows of ``heads`` heads of ``width`` channels placed into heads of ``full`` channels, zeros elsewhere.
+
+    With ``pairs`` (RoPE; one list per KV group, ``group_size`` query heads each) the kept pair ``t`` of a head
+    goes back to channels ``pairs[t]`` and ``pairs[t] + full/2``; without, the ``width`` channels fill the first
+    positions (value-output: any fixed place is exact)."""
+    rows = rows.reshape(heads, width, *rows.shape[1:])
+    out = np.zeros((heads, full, *rows.shape[2:]), rows.dtype)
+    for h in range(heads):
+        if pairs is None:
+            out[h, :width] = rows[h]
+        else:
+            kept = np.asarray(pairs[h // group_size])
+            out[h, kept] = rows[h, : width // 2]
+            out[h, kept + full // 2] = rows[h, width // 2:]
+    return out.reshape(heads * full, *rows.shape[2:])
+
+
+def padding_cost(config: ModelConfig, bytes_per_value: float) -> dict[str, Any]:
+    """Attention parameters and KV-cache values per token that the padding restores, against the compressed
+    model; zero for MLP-only compression."""
+    params = kv = 0
+    for spec in config.layers:
+        qk_missing = config.head_dim - spec.qk_dim
+        vo_missing = config.head_dim - spec.vo_dim
+        params += config.hidden_size * ((config.num_heads + config.num_kv_heads) * qk_missing
+                                        + 2 * config.num_kv_heads * vo_missing)
+        kv += config.num_kv_heads * (qk_missing + vo_missing)
+    return {"attention_params_restored": params, "kv_cache_values_per_token_restored": kv,
+            "bytes_restored": int(params * bytes_per_value)}
+
+
+def _layer_tensors(config: ModelConfig, i: int, spec: LayerSpec, get) -> Iterator[tuple[str, np.ndarray]]:
+    """The GGUF tensors of block ``i``; ``get(name)`` returns our parameter in PyTorch orientation."""
+    H, G, dh = config.num_heads, config.num_kv_heads, config.head_dim
+    pairs = None if spec.rope_pairs is None else [list(p) for p in spec.rope_pairs]
+    if pairs is None and spec.qk_dim < dh:
+        raise UserError(f"layer {i}: key-query of width {spec.qk_dim} without its kept RoPE pairs")
+    full_pairs = pairs if pairs is not None else [list(range(dh // 2))] * G
+    prefix = f"model.layers.{i}."
+    q = pad_heads(get(prefix + "self_attn.q_proj.weight"), H, spec.qk_dim, dh, full_pairs, H // G)
+    k = pad_heads(get(prefix + "self_attn.k_proj.weight"), G, spec.qk_dim, dh, full_pairs)
+    v = pad_heads(get(prefix + "self_attn.v_proj.weight"), G, spec.vo_dim, dh, None)
+    o = pad_heads(get(prefix + "self_attn.o_proj.weight").T, H, spec.vo_dim, dh, None).T
+    yield f"blk.{i}.attn_norm.weight", get(prefix + "input_layernorm.weight")
+    yield f"blk.{i}.attn_q.weight", interleave_pairs(q, H)
+    yield f"blk.{i}.attn_k.weight", interleave_pairs(k, G)
+    yield f"blk.{i}.attn_v.weight", v
+    yield f"blk.{i}.attn_output.weight", np.ascontiguousarray(o)
+    yield f"blk.{i}.ffn_norm.weight", get(prefix + "post_attention_layernorm.weight")
+    yield f"blk.{i}.ffn_gate.weight", get(prefix + "mlp.gate_proj.weight")
+    yield f"blk.{i}.ffn_up.weight", get(prefix + "mlp.up_proj.weight")
+    yield f"blk.{i}.ffn_down.weight", get(prefix + "mlp.down_proj.weight")
+
+
+def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of ``model`` (a :class:`~modegpt_jax.model.Transformer`) under its llama.cpp name, float32,
+    attention padded back to the full head dimension."""
+    from converters.hf_export import model_entries
+
+    config = model.config
+    if config.model_type not in ARCHITECTURES:
+        raise UserError(f"GGUF export of {config.model_type!r} models is not supported yet (supported: "
+                        f"{', '.join(ARCHITECTURES)})")
+    if config.qkv_bias or config.o_bias or config.mlp_bias or config.rope_scaling is not None:
+        raise UserError("GGUF export supports Llama models without biases and without RoPE scaling so far")
+    entries = {e.name: e for e in model_entries(model)}
+
+    def get(name: str) -> np.ndarray:
+        return np.asarray(entries[name].load(), np.float32)
+
+    yield "token_embd.weight", get("model.embed_tokens.weight")
+    for i, spec in enumerate(config.layers):
+        yield from _layer_tensors(config, i, spec, get)
+    yield "output_norm.weight", get("model.norm.weight")
+    if not config.tie_word_embeddings:
+        yield "output.weight", get("lm_head.weight")
+
+
+def _tokenizer_fields(source: Path) -> list:
+    """The ``tokenizer.*`` fields of a GGUF file, as (key, value, value type, sub type) for the writer."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    fields = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        fields.append((key, field.contents(), kind, sub))
+    if not fields:
+        raise UserError(f"{source} holds no tokenizer")
+    return fields
+
+
+def source_gguf(model_dir: Path) -> Path | None:
+    """The GGUF file of the embedded model a compressed directory was made from (its ``report.json``), if any."""
+    from converters.resolve import EMBEDDED_MODELS, embedded_model_file
+
+    report = Path(model_dir) / "report.json"
+    if report.is_file():
+        name = json.loads(report.read_text()).get("model")
+        if name in EMBEDDED_MODELS:
+            return embedded_model_file(name)
+    return None
+
+
+def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_type: str = "f16",
+               name: str | None = None) -> dict[str, Any]:
+    """Write ``model`` as a GGUF file; returns what was written (types, sizes, the padding's cost)."""
+    import gguf
+
+    if tensor_type not in TYPES:
+        raise UserError(f"type {tensor_type!r} is not written here (written: {', '.join(TYPES)}); for other types "
+                        f"write f16 and run llama.cpp's `llama-quantize FILE.gguf OUT.gguf TYPE`",
+                        argument="type")
+    config: ModelConfig = model.config
+    arch = ARCHITECTURES.get(config.model_type)
+    tensors = list(gguf_tensors(model))  # checks the architecture first
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")  # renamed into place once complete
+    writer = gguf.GGUFWriter(str(partial), arch)
+    writer.add_name(name or "modegpt-jax compressed model")
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    widths = [spec.mlp_width for spec in config.layers]
+    writer.add_feed_forward_length(widths[0] if len(set(widths)) == 1 else widths)  # one value reads everywhere
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[tensor_type]
+    writer.add_file_type(file_type)
+    for key, value, kind, sub in _tokenizer_fields(Path(tokenizer_gguf)):
+        writer.add_key_value(key, value, kind, sub_type=sub)
+    kept_f16 = []
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    for tname, array in tensors:
+        if array.ndim == 1 or tensor_type == "f32":
+            writer.add_tensor(tname, np.ascontiguousarray(array, np.float32))
+        elif tensor_type == "f16" or array.shape[-1] % block:  # q8_0 blocks run along rows of 32 values
+            writer.add_tensor(tname, array.astype(np.float16))
+            kept_f16 += [tname] if tensor_type != "f16" else []
+        else:
+            quant = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(tname, gguf.quants.quantize(array, quant), raw_dtype=quant)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    per_value = {"f32": 4, "f16": 2, "q8_0": 34 / 32}[tensor_type]
+    return {"path": str(out), "type": tensor_type, "bytes": out.stat().st_size, "kept_f16": kept_f16,
+            "feed_forward_length": [spec.mlp_width for spec in config.layers],
+            "padding": padding_cost(config, per_value)}

@@ -1,0 +1,111 @@
+"""GGUF export for llama.cpp (``modegpt export-gguf``): tensors laid out as llama.cpp's own converter writes them,
+attention padded back to the full head dimension without changing a logit."""
+
+import numpy as np
+import pytest
+
+from converters.gguf_export import interleave_pairs, pad_heads, padding_cost
+from converters.hf_import import HFCheckpoint
+from modegpt_jax.errors import UserError
+from tests.test_cli_errors import assert_user_error, run_cli
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+
+def test_padding_puts_every_kept_pair_back_in_its_place():
+    rows = np.arange(2 * 6).reshape(2 * 6, 1).astype(np.float32)  # 2 heads of 6 kept channels (3 pairs)
+    padded = pad_heads(rows, 2, 6, 10, [[0, 2, 4]], group_size=2)[:, 0]
+    assert padded.tolist() == [0, 0, 1, 0, 2, 3, 0, 4, 0, 5] + [6, 0, 7, 0, 8, 9, 0, 10, 0, 11]
+    assert interleave_pairs(np.arange(8.0).reshape(8, 1), 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+@pytest.mark.real_model
+def test_dense_export_has_the_source_files_tensors_and_tokenizer(smollm2, tmp_path):
+    from converters.gguf_export import write_gguf
+    from converters.resolve import embedded_model_file
+
+    source = embedded_model_file("smollm2-135m")
+    info = write_gguf(smollm2.load_model(), tmp_path / "dense.gguf", tokenizer_gguf=source, tensor_type="f32")
+    assert info["padding"]["attention_params_restored"] == 0
+    ours, theirs = gguf.GGUFReader(info["path"]), gguf.GGUFReader(source)
+    mine = {t.name: t for t in ours.tensors}
+    assert set(mine) == {t.name for t in theirs.tensors}
+    for t in theirs.tensors:  # the source's quantised values, dequantised, are exactly the model's weights
+        expected = gguf.quants.dequantize(t.data, t.tensor_type)
+        np.testing.assert_array_equal(np.asarray(mine[t.name].data).reshape(expected.shape), expected, err_msg=t.name)
+    for key in ("llama.block_count", "llama.embedding_length", "llama.feed_forward_length",
+                "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
+                "tokenizer.ggml.pre", "tokenizer.ggml.merges", "tokenizer.chat_template"):
+        assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+
+
+@pytest.mark.real_model
+def test_compressed_export_gives_the_same_logits_through_another_reader(smollm2, tmp_path):
+    """A compressed model with narrower key-query and value-output heads, padded back: transformers' own GGUF
+    reader (independent of this project) computes the JAX model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from modegpt_jax.pipeline import CompressionSettings, compress
+    from tests.test_cli_compress import make_tiny_with_tokenizer
+
+    ckpt = HFCheckpoint(make_tiny_with_tokenizer(tmp_path / "tiny", smollm2, layers=2))
+    calib = np.random.default_rng(0).integers(0, ckpt.config.vocab_size, (16, 32)).astype(np.int32)
+    model, _ = compress(ckpt, calib, CompressionSettings(ratio=0.3, allocation="uniform", attention_scale=1.0),
+                        progress=False)
+    specs = model.config.layers
+    assert all(s.qk_dim < 16 and s.vo_dim < 16 for s in specs) and len({s.mlp_width for s in specs}) == 1
+    from converters.gguf_export import write_gguf
+    from converters.resolve import embedded_model_file
+
+    info = write_gguf(model, tmp_path / "out" / "m.gguf", tokenizer_gguf=embedded_model_file("smollm2-135m"),
+                      tensor_type="f32")
+    assert info["padding"] == padding_cost(model.config, 4) and info["padding"]["attention_params_restored"] > 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="m.gguf", dtype=torch.float32).eval()
+    tokens = np.random.default_rng(1).integers(0, ckpt.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        reference = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(tokens)), reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.real_model
+def test_export_gguf_command(smollm2, tmp_path):
+    from tests.test_cli_compress import make_tiny_with_tokenizer
+
+    tiny = make_tiny_with_tokenizer(tmp_path / "tiny", smollm2, layers=2)
+    compressed = tmp_path / "compressed"
+    proc = run_cli("compress", "--model", str(tiny), "--ratio", "0.3", "--output", str(compressed),
+                   "--calib-samples", "8", "--calib-seqlen", "32", "--attention-scale", "1", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    # no report naming an embedded source: the tokenizer must be named
+    assert_user_error(run_cli("export-gguf", "--model", str(compressed), "--output", str(tmp_path / "a.gguf")),
+                      "--tokenizer-gguf")
+    from converters.resolve import embedded_model_file
+
+    out = tmp_path / "m.gguf"
+    proc = run_cli("export-gguf", "--model", str(compressed), "--output", str(out), "--type", "q8_0",
+                   "--tokenizer-gguf", str(embedded_model_file("smollm2-135m")))
+    assert proc.returncode == 0, proc.stderr
+    assert "attention padded back" in proc.stdout and "--attention-scale 0" in proc.stdout
+    reader = gguf.GGUFReader(out)
+    widths = reader.fields["llama.feed_forward_length"].contents()
+    assert widths == [s.mlp_width for s in HFCheckpoint(compressed).config.layers]
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    # widths that are no multiple of 32 stay f16, and the command says so
+    assert types["blk.0.ffn_down.weight"] == ("F16" if widths[0] % 32 else "Q8_0")
+    assert ("written f16" in proc.stdout) == any(w % 32 for w in widths)
+    assert_user_error(run_cli("export-gguf", "--model", str(compressed), "--output", str(out), "--tokenizer-gguf",
+                              str(embedded_model_file("smollm2-135m"))), "exists")
+
+
+def test_unsupported_families_and_types_are_refused(tmp_path):
+    from converters.gguf_export import write_gguf
+    from tests.hf_models import make_hf_model, save_hf_model
+
+    opt = HFCheckpoint(save_hf_model(make_hf_model("opt"), tmp_path / "opt")).load_model()
+    with pytest.raises(UserError, match="GGUF export of 'opt' models is not supported yet"):
+        write_gguf(opt, tmp_path / "o.gguf", tokenizer_gguf=tmp_path / "none.gguf", tensor_type="f32")
+    with pytest.raises(UserError, match="llama-quantize"):
+        write_gguf(opt, tmp_path / "o.gguf", tokenizer_gguf=tmp_path / "none.gguf", tensor_type="q4_k_m")
+    assert not list(tmp_path.glob("*.gguf*"))
