@@ -73,7 +73,7 @@ class HealSettings:
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}", argument=name)
         if self.steps >= 1 and self.warmup >= self.steps:
-            raise UserError(f"warmup ({self.warmup} steps) must be shorter than the run ({self.steps} steps)",
+            raise UserError(f"warmup ({self.warmup}) must be less than steps ({self.steps})",
                             argument=("warmup", "steps"))
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise UserError(f"lr must be a positive number, got {self.lr}", argument="lr")

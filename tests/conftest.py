@@ -31,3 +31,19 @@ def smollm2_models(smollm2):
 
     hf = AutoModelForCausalLM.from_pretrained(smollm2.directory, dtype=torch.float32).eval()
     return smollm2.load_model(), hf, smollm2.load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_compressed(tmp_path_factory, smollm2):
+    """(dense directory, compressed directory): a tiny random Llama with SmolLM2's tokenizer, and the directory
+    `modegpt compress` writes for it at ratio 0.3 with every module narrowed (``--attention-scale 1``)."""
+    from tests.test_cli_compress import make_tiny_with_tokenizer
+    from tests.test_cli_errors import run_cli
+
+    root = tmp_path_factory.mktemp("tiny_compressed")
+    dense = make_tiny_with_tokenizer(root / "dense", smollm2, layers=2)
+    compressed = root / "compressed"
+    proc = run_cli("compress", "--model", str(dense), "--ratio", "0.3", "--output", str(compressed),
+                   "--calib-samples", "8", "--calib-seqlen", "32", "--attention-scale", "1", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return dense, compressed

@@ -69,14 +69,8 @@ def test_compressed_export_gives_the_same_logits_through_another_reader(smollm2,
 
 
 @pytest.mark.real_model
-def test_export_gguf_command(smollm2, tmp_path):
-    from tests.test_cli_compress import make_tiny_with_tokenizer
-
-    tiny = make_tiny_with_tokenizer(tmp_path / "tiny", smollm2, layers=2)
-    compressed = tmp_path / "compressed"
-    proc = run_cli("compress", "--model", str(tiny), "--ratio", "0.3", "--output", str(compressed),
-                   "--calib-samples", "8", "--calib-seqlen", "32", "--attention-scale", "1", timeout=600)
-    assert proc.returncode == 0, proc.stderr
+def test_export_gguf_command(tiny_compressed, tmp_path):
+    _, compressed = tiny_compressed
     # no report naming an embedded source: the tokenizer must be named
     assert_user_error(run_cli("export-gguf", "--model", str(compressed), "--output", str(tmp_path / "a.gguf")),
                       "--tokenizer-gguf")
