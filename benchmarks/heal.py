@@ -1,7 +1,7 @@
 """Recovery training benchmark: a compressed model healed by distillation for a few wall-clock budgets.
 
     python benchmarks/heal.py [--model smollm2-135m] [--ratio 0.3] [--budgets 5,10,20] [--methods full,lora]
-                              [--seqlen 512] [--batch-size 4] [--lr 1e-4] [--lora-lr 1e-3] [--piqa-limit 300]
+                              [--seqlen 512] [--batch-size 4] [--lr 1e-5] [--lora-lr 1e-4] [--piqa-limit 300]
                               [--json benchmarks/results/heal.json]
 
 The compressed model is made first with ``modegpt compress --model M --ratio R --output DIR`` (skipped when
@@ -78,8 +78,8 @@ def main() -> None:
     parser.add_argument("--methods", default="full,lora")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of full fine-tuning")
-    parser.add_argument("--lora-lr", type=float, default=1e-3, help="peak learning rate of LoRA")
+    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of full fine-tuning")
+    parser.add_argument("--lora-lr", type=float, default=1e-4, help="peak learning rate of LoRA")
     parser.add_argument("--heldout-windows", type=int, default=40)
     parser.add_argument("--piqa-limit", type=int, default=300, help="PIQA documents (0: skip PIQA)")
     parser.add_argument("--json", default="benchmarks/results/heal.json")
