@@ -1,7 +1,7 @@
 """Compressed (or dense) models as GGUF files for llama.cpp (``modegpt export-gguf``).
 
-llama.cpp reads a per-layer array for ``{arch}.feed_forward_length``, so per-layer MLP widths are native there; the
-attention head dimension is one value for the whole model. A compressed attention is therefore brought back to the
+The GGUF format holds a per-layer array for ``{arch}.feed_forward_length`` (written when the MLP widths differ);
+the attention head dimension is one value for the whole model. A compressed attention is therefore brought back to the
 full head dimension with zeros, which is exact: a zero query/key channel adds nothing to a score, a zero value
 channel meets zero rows of the output projection, and the kept RoPE pairs go back to their original positions, so
 the stock rotary embedding applies (each pair at its original frequency). What that costs is reported
@@ -14,8 +14,10 @@ rows of each head reordered from the Hugging Face ``rotate_half`` layout to llam
 (:func:`interleave_pairs`). The tokenizer is copied from a GGUF of the source model (the embedded models' own
 files, or ``tokenizer_gguf``).
 
-Status: the tensors of a dense export equal the source GGUF's (tests); loading in llama.cpp itself is not yet
-checked here.
+Status: the tensors of a dense export equal the source GGUF's, and a padded compressed model gives the JAX logits
+through transformers' GGUF reader (tests). llama.cpp's ``llama`` architecture reads one ``feed_forward_length``
+for all layers: files with per-layer MLP widths are refused there (tried with llama-cpp-python 0.3.36), files with
+one width load and match.
 """
 
 from __future__ import annotations
