@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from modegpt_jax.errors import UserError
 from modegpt_jax.mesh import shard_batch, to_host
 from modegpt_jax.model import Linear, Transformer
+from modegpt_jax.perplexity import perplexity, token_nll
 
 __all__ = ["HealSettings", "LoRALinear", "LoRAParam", "add_lora", "heal", "kd_loss", "lm_loss", "merge_lora",
            "train_step"]
@@ -165,8 +166,7 @@ def merge_lora(model: Transformer) -> Transformer:
 # -- losses ----------------------------------------------------------------------------------------------------
 def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy: ``logits[:, t]`` predicts ``tokens[:, t + 1]``."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return jnp.mean(token_nll(logits[:, :-1], tokens[:, 1:]))
 
 
 def kd_loss(logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
@@ -352,8 +352,6 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
     and optimiser state split over ``"model"`` as :mod:`modegpt_jax.sharding` places them; the gradient
     reductions follow from those shardings. In a ``jax.distributed`` run every process calls this with the same
     arguments (all the data) and feeds its share of each batch."""
-    from modegpt_jax.perplexity import perplexity
-
     settings.validate()
     if settings.loss != "lm" and teacher is None:
         raise UserError(f"loss {settings.loss!r} needs a teacher (the dense model)", argument="loss")

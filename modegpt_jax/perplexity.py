@@ -42,12 +42,17 @@ def token_windows(tokens: np.ndarray, seqlen: int, max_windows: int | None = Non
     return tokens[: n * seqlen].reshape(n, seqlen)
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Negative log-likelihood [B, T] of ``targets [B, T]`` under ``logits [B, T, vocab]`` (aligned by the caller),
+    in float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
 @nnx.jit
 def _window_nll(model: Transformer, h: jax.Array, tokens: jax.Array) -> jax.Array:
     """Summed NLL of tokens[:, 1:] given the final hidden states h[:, :-1]."""
-    logits = model.head(h[:, :-1])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return jnp.sum(token_nll(model.head(h[:, :-1]), tokens[:, 1:]))
 
 
 def window_nll(model: Transformer, tokens: np.ndarray, mesh=None) -> float:
