@@ -37,6 +37,7 @@ from flax import nnx
 from modegpt_jax.errors import UserError
 from modegpt_jax.config import ModelConfig
 from modegpt_jax.families import config_from_hf, family, hf_name
+from modegpt_jax.families.base import fused_tensors
 from modegpt_jax.model import Transformer
 from modegpt_jax.rope import kept_pair_frequencies
 from modegpt_jax.staging import array_key, block_file
@@ -98,21 +99,18 @@ def fuse_entries(entries: Sequence[TensorEntry], config: ModelConfig) -> list[Te
     ``qkv_proj``, ``gate_up_proj``; :attr:`Family.fused`) joined along the output dimension, each fused entry
     where its first part was; unchanged for families without fused tensors."""
     record = family(config.model_type)
-    if record.fused is None:
-        return list(entries)
     by_name = {e.name: e for e in entries}
     joined: dict[str, TensorEntry] = {}  # first part's name -> fused entry
     dropped: set[str] = set()
-    for i, spec in enumerate(config.layers):
-        prefix = record.names.layer_prefix.format(i=i)
-        for module, parts in record.fused(config, spec).items():
-            for leaf in ("weight", "bias"):
-                names = [f"{prefix}{part}.{leaf}" for part, _ in parts]
+    for i in range(config.num_layers):
+        for leaf in ("weight", "bias"):
+            for fused_name, parts in fused_tensors(record, config, i, leaf).items():
+                names = [part for part, _ in parts]
                 if not any(n in by_name for n in names):
                     continue
                 members = [by_name[n] for n in names]  # a part missing here is a bug: KeyError
                 shape = (sum(e.shape[0] for e in members), *members[0].shape[1:])
-                joined[names[0]] = TensorEntry(f"{prefix}{module}.{leaf}", shape, members[0].dtype,
+                joined[names[0]] = TensorEntry(fused_name, shape, members[0].dtype,
                                                functools.partial(_concatenated, [e.load for e in members]))
                 dropped.update(names[1:])
     return [joined.get(e.name, e) for e in entries if e.name not in dropped]

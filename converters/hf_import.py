@@ -22,6 +22,7 @@ from converters.resolve import resolve_model
 from modegpt_jax.config import ModelConfig
 from modegpt_jax.errors import UserError
 from modegpt_jax.families import config_from_hf, family, hf_name
+from modegpt_jax.families.base import fused_tensors
 from modegpt_jax.model import Block, Buffer, Transformer
 from modegpt_jax.rope import kept_pair_frequencies
 from modegpt_jax.sharding import make_sharded, param_sharding
@@ -109,15 +110,11 @@ class HFCheckpoint:
     def _fused_part(self, name: str, path: tuple) -> tuple[str, int, int, int, list[str]] | None:
         """(fused tensor, first row, end row, its rows, the names of all its parts) of ``name``, if the family
         fuses it and the checkpoint holds the fused tensor."""
-        record = family(self.config.model_type)
-        if record.fused is None or path[0] != "layers":
+        if path[0] != "layers":
             return None
-        layer = int(path[1])
-        prefix = self.name_map.layer_prefix.format(i=layer)
-        for module, parts in record.fused(self.config, self.config.layers[layer]).items():
-            leaf = name.rsplit(".", 1)[1]
-            names = [f"{prefix}{part}.{leaf}" for part, _ in parts]
-            fused_name = f"{prefix}{module}.{leaf}"
+        fused = fused_tensors(family(self.config.model_type), self.config, int(path[1]), name.rsplit(".", 1)[1])
+        for fused_name, parts in fused.items():
+            names = [part for part, _ in parts]
             if name in names and fused_name in self._names:
                 k = names.index(name)
                 begin = sum(rows for _, rows in parts[:k])

@@ -63,6 +63,16 @@ def hf_name(name_map: NameMap, path: tuple) -> tuple[str, bool]:
 
 _LEAF = {"kernel": "weight", "weight": "weight", "bias": "bias"}
 
+
+def fused_tensors(record: Family, config: ModelConfig, layer: int, leaf: str) -> dict[str, list[tuple[str, int]]]:
+    """Hugging Face names of block ``layer``'s fused tensors (``leaf``: ``weight`` or ``bias``), each with its
+    parts' names and output sizes in order (:attr:`Family.fused`); empty for families without fused tensors."""
+    if record.fused is None:
+        return {}
+    prefix = record.names.layer_prefix.format(i=layer)
+    return {f"{prefix}{module}.{leaf}": [(f"{prefix}{part}.{leaf}", rows) for part, rows in parts]
+            for module, parts in record.fused(config, config.layers[layer]).items()}
+
 LLAMA_LAYER = {
     "attn_norm": "input_layernorm",
     "attn.q_proj": "self_attn.q_proj",
