@@ -1,7 +1,9 @@
 """Compressed (or dense) models as GGUF files for llama.cpp (``modegpt export-gguf``).
 
-The GGUF format holds a per-layer array for ``{arch}.feed_forward_length`` (written when the MLP widths differ);
-the attention head dimension is one value for the whole model. A compressed attention is therefore brought back to the
+The GGUF format holds a per-layer array for ``{arch}.feed_forward_length``; the attention head dimension is one
+value for the whole model. llama.cpp's ``llama`` architecture reads one MLP width for all layers, its ``deci``
+architecture (the same Llama blocks, made for pruned Llamas) reads one per layer: a model whose MLP widths differ is
+written as ``deci``, one with a single width as ``llama`` (the architecture every tool built on llama.cpp knows). A compressed attention is therefore brought back to the
 full head dimension with zeros, which is exact: a zero query/key channel adds nothing to a score, a zero value
 channel meets zero rows of the output projection, and the kept RoPE pairs go back to their original positions, so
 the stock rotary embedding applies (each pair at its original frequency). What that costs is reported
@@ -14,10 +16,9 @@ rows of each head reordered from the Hugging Face ``rotate_half`` layout to llam
 (:func:`interleave_pairs`). The tokenizer is copied from a GGUF of the source model (the embedded models' own
 files, or ``tokenizer_gguf``).
 
-Status: the tensors of a dense export equal the source GGUF's, and a padded compressed model gives the JAX logits
-through transformers' GGUF reader (tests). llama.cpp's ``llama`` architecture reads one ``feed_forward_length``
-for all layers: files with per-layer MLP widths are refused there (tried with llama-cpp-python 0.3.36), files with
-one width load and match.
+Families: Llama, Mistral without a sliding window, Qwen2 (query/key/value biases, which both architectures read);
+Llama 3 / linear RoPE scaling goes in as llama.cpp's ``rope_freqs`` factors. Tested in llama.cpp itself
+(llama-cpp-python, tests/test_llamacpp.py): logits and greedy generation equal the JAX model's.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ import numpy as np
 from modegpt_jax.config import LayerSpec, ModelConfig
 from modegpt_jax.errors import UserError
 
-#: Our model_type -> llama.cpp architecture, for the families whose tensors this writer lays out.
-ARCHITECTURES = {"llama": "llama"}
-#: Tensor types written directly (everything 2-D; norms stay float32). A matrix whose rows are not a whole number
-#: of quantisation blocks (a compressed width that is not a multiple of 32) is written f16, as llama.cpp's converter
-#: does; ``--width-multiple 32`` at compression avoids that.
-TYPES = ("f32", "f16", "q8_0")
+#: Our model_types whose blocks are Llama blocks in llama.cpp (written as ``llama``, or ``deci`` when the MLP widths
+#: differ between layers).
+FAMILIES = ("llama", "mistral", "qwen2")
+#: Tensor types written directly with the ``gguf`` package's quantisers (matrices only; norms and biases stay
+#: float32). A matrix whose rows are not a whole number of 32-value blocks (a compressed width that is not a
+#: multiple of 32) is written f16, as llama.cpp's converter does; ``--width-multiple 32`` at compression avoids that.
+#: In 4- and 5-bit files the token embeddings (the output layer too, when tied) are q8_0, as llama-quantize keeps
+#: them at a higher precision.
+TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+#: Types llama.cpp has that the ``gguf`` package cannot write: made from the f16 file with llama-quantize.
+QUANTIZE_ONLY = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl",
+                 "iq4_xs")
 
 
 def interleave_pairs(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -86,20 +93,66 @@ def _layer_tensors(config: ModelConfig, i: int, spec: LayerSpec, get) -> Iterato
     if pairs is None and spec.qk_dim < dh:
         raise UserError(f"layer {i}: key-query of width {spec.qk_dim} without its kept RoPE pairs")
     full_pairs = pairs if pairs is not None else [list(range(dh // 2))] * G
-    prefix = f"model.layers.{i}."
-    q = pad_heads(get(prefix + "self_attn.q_proj.weight"), H, spec.qk_dim, dh, full_pairs, H // G)
-    k = pad_heads(get(prefix + "self_attn.k_proj.weight"), G, spec.qk_dim, dh, full_pairs)
-    v = pad_heads(get(prefix + "self_attn.v_proj.weight"), G, spec.vo_dim, dh, None)
-    o = pad_heads(get(prefix + "self_attn.o_proj.weight").T, H, spec.vo_dim, dh, None).T
-    yield f"blk.{i}.attn_norm.weight", get(prefix + "input_layernorm.weight")
+    prefix = f"model.layers.{i}.self_attn."
+    q = pad_heads(get(prefix + "q_proj.weight"), H, spec.qk_dim, dh, full_pairs, H // G)
+    k = pad_heads(get(prefix + "k_proj.weight"), G, spec.qk_dim, dh, full_pairs)
+    v = pad_heads(get(prefix + "v_proj.weight"), G, spec.vo_dim, dh, None)
+    o = pad_heads(get(prefix + "o_proj.weight").T, H, spec.vo_dim, dh, None).T
+    yield f"blk.{i}.attn_norm.weight", get(f"model.layers.{i}.input_layernorm.weight")
     yield f"blk.{i}.attn_q.weight", interleave_pairs(q, H)
     yield f"blk.{i}.attn_k.weight", interleave_pairs(k, G)
     yield f"blk.{i}.attn_v.weight", v
+    if config.qkv_bias:  # padded like the rows they belong to
+        yield f"blk.{i}.attn_q.bias", interleave_pairs(pad_heads(get(prefix + "q_proj.bias"), H, spec.qk_dim, dh,
+                                                                 full_pairs, H // G), H)
+        yield f"blk.{i}.attn_k.bias", interleave_pairs(pad_heads(get(prefix + "k_proj.bias"), G, spec.qk_dim, dh,
+                                                                 full_pairs), G)
+        yield f"blk.{i}.attn_v.bias", pad_heads(get(prefix + "v_proj.bias"), G, spec.vo_dim, dh, None)
     yield f"blk.{i}.attn_output.weight", np.ascontiguousarray(o)
+    if config.o_bias:  # a compressed value-output with value biases carries them here
+        yield f"blk.{i}.attn_output.bias", get(prefix + "o_proj.bias")
+    prefix = f"model.layers.{i}."
     yield f"blk.{i}.ffn_norm.weight", get(prefix + "post_attention_layernorm.weight")
     yield f"blk.{i}.ffn_gate.weight", get(prefix + "mlp.gate_proj.weight")
     yield f"blk.{i}.ffn_up.weight", get(prefix + "mlp.up_proj.weight")
     yield f"blk.{i}.ffn_down.weight", get(prefix + "mlp.down_proj.weight")
+
+
+def check_supported(config: ModelConfig) -> None:
+    """Refuse, in one line, a model whose blocks llama.cpp's Llama architectures do not compute."""
+    if config.model_type not in FAMILIES:
+        raise UserError(f"GGUF export of {config.model_type!r} models is not supported yet (supported: "
+                        f"{', '.join(FAMILIES)})")
+    scaling = (config.rope_scaling or {}).get("rope_type")
+    unsupported = {
+        "MLP biases": config.mlp_bias,
+        f"RoPE scaling {scaling!r}": scaling not in (None, "llama3", "linear"),
+        "sliding-window attention": any(spec.sliding_window is not None for spec in config.layers),
+        "a non-default attention scale": config.attn_scale is not None,
+        "q/k norms, sandwich norms or scaled embeddings": (config.qk_norm or config.sandwich_norms
+                                                           or config.embed_scale is not None),
+    }
+    found = [what for what, present in unsupported.items() if present]
+    if found:
+        raise UserError(f"GGUF export of this {config.model_type} model: {', '.join(found)} not supported yet")
+
+
+def rope_frequency_factors(config: ModelConfig) -> np.ndarray | None:
+    """llama.cpp's ``rope_freqs`` tensor for Llama 3 / linear RoPE scaling: the factor each pair's unscaled
+    frequency is divided by; None without scaling."""
+    import dataclasses
+
+    from modegpt_jax.rope import inverse_frequencies
+
+    if config.rope_scaling is None:
+        return None
+    plain = inverse_frequencies(dataclasses.replace(config, rope_scaling=None))
+    return (plain / inverse_frequencies(config)).astype(np.float32)
+
+
+def architecture(config: ModelConfig) -> str:
+    """``llama`` when every layer has the same MLP width, else ``deci`` (reads one width per layer)."""
+    return "llama" if len({spec.mlp_width for spec in config.layers}) == 1 else "deci"
 
 
 def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
@@ -108,17 +161,16 @@ def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
     from converters.hf_export import model_entries
 
     config = model.config
-    if config.model_type not in ARCHITECTURES:
-        raise UserError(f"GGUF export of {config.model_type!r} models is not supported yet (supported: "
-                        f"{', '.join(ARCHITECTURES)})")
-    if config.qkv_bias or config.o_bias or config.mlp_bias or config.rope_scaling is not None:
-        raise UserError("GGUF export supports Llama models without biases and without RoPE scaling so far")
+    check_supported(config)
     entries = {e.name: e for e in model_entries(model)}
 
     def get(name: str) -> np.ndarray:
         return np.asarray(entries[name].load(), np.float32)
 
     yield "token_embd.weight", get("model.embed_tokens.weight")
+    factors = rope_frequency_factors(config)
+    if factors is not None:
+        yield "rope_freqs.weight", factors
     for i, spec in enumerate(config.layers):
         yield from _layer_tensors(config, i, spec, get)
     yield "output_norm.weight", get("model.norm.weight")
@@ -155,18 +207,34 @@ def source_gguf(model_dir: Path) -> Path | None:
     return None
 
 
+def _quantised(name: str, array: np.ndarray, tensor_type: str):
+    """``(data, raw type or None, type written)`` of one tensor in a ``tensor_type`` file."""
+    import gguf
+
+    if array.ndim == 1 or tensor_type == "f32":
+        return np.ascontiguousarray(array, np.float32), None, "f32"
+    if tensor_type in ("q4_0", "q4_1", "q5_0", "q5_1") and name in ("token_embd.weight", "output.weight"):
+        tensor_type = "q8_0"
+    quant = gguf.GGMLQuantizationType[tensor_type.upper()]
+    block = gguf.GGML_QUANT_SIZES[quant][0]
+    if tensor_type == "f16" or array.shape[-1] % block:  # quantisation blocks run along rows
+        return array.astype(np.float16), None, "f16"
+    return gguf.quants.quantize(array, quant), quant, tensor_type
+
+
 def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_type: str = "f16",
                name: str | None = None) -> dict[str, Any]:
-    """Write ``model`` as a GGUF file; returns what was written (types, sizes, the padding's cost)."""
+    """Write ``model`` as a GGUF file; returns what was written (architecture, types, sizes, the padding's cost)."""
     import gguf
 
     if tensor_type not in TYPES:
-        raise UserError(f"type {tensor_type!r} is not written here (written: {', '.join(TYPES)}); for other types "
-                        f"write f16 and run llama.cpp's `llama-quantize FILE.gguf OUT.gguf TYPE`",
+        made = (f"write f16 and run llama.cpp's `llama-quantize FILE.gguf OUT.gguf {tensor_type.upper()}`"
+                if tensor_type in QUANTIZE_ONLY else f"llama-quantize types: {', '.join(QUANTIZE_ONLY)}")
+        raise UserError(f"type {tensor_type!r} is not written here (written: {', '.join(TYPES)}); {made}",
                         argument="type")
     config: ModelConfig = model.config
-    arch = ARCHITECTURES.get(config.model_type)
-    tensors = list(gguf_tensors(model))  # checks the architecture first
+    tensors = list(gguf_tensors(model))  # checks the family first
+    arch = architecture(config)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")  # renamed into place once complete
@@ -176,7 +244,7 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     widths = [spec.mlp_width for spec in config.layers]
-    writer.add_feed_forward_length(widths[0] if len(set(widths)) == 1 else widths)  # one value reads everywhere
+    writer.add_feed_forward_length(widths[0] if arch == "llama" else widths)
     writer.add_head_count(config.num_heads)
     writer.add_head_count_kv(config.num_kv_heads)
     writer.add_key_length(config.head_dim)
@@ -185,22 +253,16 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[tensor_type]
-    writer.add_file_type(file_type)
+    writer.add_file_type(gguf.LlamaFileType[{"f32": "ALL_F32"}.get(tensor_type, "MOSTLY_" + tensor_type.upper())])
     for key, value, kind, sub in _tokenizer_fields(Path(tokenizer_gguf)):
         writer.add_key_value(key, value, kind, sub_type=sub)
-    kept_f16 = []
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    kept_f16, written = [], {}
     for tname, array in tensors:
-        if array.ndim == 1 or tensor_type == "f32":
-            writer.add_tensor(tname, np.ascontiguousarray(array, np.float32))
-        elif tensor_type == "f16" or array.shape[-1] % block:  # q8_0 blocks run along rows of 32 values
-            writer.add_tensor(tname, array.astype(np.float16))
-            kept_f16 += [tname] if tensor_type != "f16" else []
-        else:
-            quant = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(tname, gguf.quants.quantize(array, quant), raw_dtype=quant)
+        data, raw, kind = _quantised(tname, array, tensor_type)
+        writer.add_tensor(tname, data, raw_dtype=raw)
+        written[tname] = kind
+        if kind == "f16" and tensor_type not in ("f16", "bf16"):
+            kept_f16.append(tname)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -209,7 +271,8 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_
         partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)
-    per_value = {"f32": 4, "f16": 2, "q8_0": 34 / 32}[tensor_type]
-    return {"path": str(out), "type": tensor_type, "bytes": out.stat().st_size, "kept_f16": kept_f16,
-            "feed_forward_length": [spec.mlp_width for spec in config.layers],
+    block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type.upper()]]
+    per_value = block_bytes / block
+    return {"path": str(out), "architecture": arch, "type": tensor_type, "bytes": out.stat().st_size,
+            "kept_f16": kept_f16, "tensor_types": written, "feed_forward_length": widths,
             "padding": padding_cost(config, per_value)}

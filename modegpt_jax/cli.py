@@ -207,8 +207,12 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     if info["kept_f16"]:
         print(f"{len(info['kept_f16'])} matrices whose rows are not whole {args.type} blocks of 32 were written f16 "
               f"(e.g. {info['kept_f16'][0]}); compress with --width-multiple 32 to quantise them all")
-    print(f"written {info['path']} ({info['type']}, {info['bytes'] / 2**20:.1f} MiB); feed_forward_length per layer: "
-          f"{info['feed_forward_length']}")
+    print(f"written {info['path']} ({info['type']}, {info['bytes'] / 2**20:.1f} MiB, llama.cpp architecture "
+          f"{info['architecture']}); feed_forward_length per layer: {info['feed_forward_length']}")
+    if info["architecture"] == "deci":
+        print("the MLP widths differ between layers: written as llama.cpp's `deci` architecture (Llama blocks, one "
+              "MLP width per layer; its `llama` architecture takes one width); compress with --allocation uniform "
+              "for a `llama` file")
     if pad["attention_params_restored"]:
         print(f"attention padded back to the full head dimension (exact): {pad['attention_params_restored']:,} "
               f"parameters ({pad['bytes_restored'] / 2**20:.1f} MiB) and {pad['kv_cache_values_per_token_restored']}"
@@ -322,12 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", help="also write the results to this JSON file")
     be.set_defaults(func=cmd_bench)
 
+    from converters.gguf_export import QUANTIZE_ONLY, TYPES
+
     gg = sub.add_parser("export-gguf", help="write a model (compressed or dense) as a GGUF file for llama.cpp")
     gg.add_argument("--model", required=True, help="a directory written by modegpt compress, or any --model")
     gg.add_argument("--output", required=True, help="the .gguf file to write")
-    gg.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"],
-                    help="tensor type of the weight matrices (norms stay f32; default: f16); other types: write f16 "
-                         "and run llama.cpp's llama-quantize")
+    gg.add_argument("--type", default="f16", choices=TYPES + QUANTIZE_ONLY, metavar="TYPE",
+                    help=f"tensor type of the weight matrices: {', '.join(TYPES)} (norms and biases stay f32; "
+                         "default: f16); k-quants such as q4_k_m: write f16 and run llama.cpp's llama-quantize")
     gg.add_argument("--tokenizer-gguf", default=None,
                     help="a GGUF file of the source model to take the tokenizer from (default: the embedded "
                          "model's, found through the directory's report.json)")

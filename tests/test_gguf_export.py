@@ -82,8 +82,10 @@ def test_export_gguf_command(tiny_compressed, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "attention padded back" in proc.stdout and "--attention-scale 0" in proc.stdout
     reader = gguf.GGUFReader(out)
-    widths = reader.fields["llama.feed_forward_length"].contents()
-    assert widths == [s.mlp_width for s in HFCheckpoint(compressed).config.layers]
+    arch = reader.fields["general.architecture"].contents()
+    widths = [s.mlp_width for s in HFCheckpoint(compressed).config.layers]
+    assert reader.fields[f"{arch}.feed_forward_length"].contents() == (widths if arch == "deci" else widths[0])
+    assert (arch == "deci") == (len(set(widths)) > 1) and ("`deci`" in proc.stdout) == (arch == "deci")
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
     # widths that are no multiple of 32 stay f16, and the command says so
@@ -100,6 +102,9 @@ def test_unsupported_families_and_types_are_refused(tmp_path):
     opt = HFCheckpoint(save_hf_model(make_hf_model("opt"), tmp_path / "opt")).load_model()
     with pytest.raises(UserError, match="GGUF export of 'opt' models is not supported yet"):
         write_gguf(opt, tmp_path / "o.gguf", tokenizer_gguf=tmp_path / "none.gguf", tensor_type="f32")
-    with pytest.raises(UserError, match="llama-quantize"):
+    with pytest.raises(UserError, match="llama-quantize FILE.gguf OUT.gguf Q4_K_M"):
         write_gguf(opt, tmp_path / "o.gguf", tokenizer_gguf=tmp_path / "none.gguf", tensor_type="q4_k_m")
+    windowed = HFCheckpoint(save_hf_model(make_hf_model("mistral_sliding_window"), tmp_path / "m")).load_model()
+    with pytest.raises(UserError, match="sliding-window attention"):
+        write_gguf(windowed, tmp_path / "m.gguf", tokenizer_gguf=tmp_path / "none.gguf", tensor_type="f32")
     assert not list(tmp_path.glob("*.gguf*"))
