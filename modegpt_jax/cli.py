@@ -186,14 +186,16 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from converters.gguf_export import source_gguf, write_gguf
+    from converters.gguf_export import check_supported, check_type, source_gguf, write_gguf
     from converters.hf_import import HFCheckpoint
     from converters.resolve import EMBEDDED_MODELS, embedded_model_file
 
+    check_type(args.type)
     output = Path(args.output).expanduser()
     if output.exists() and not args.overwrite:
         raise UserError(f"--output {output} exists: choose another file or pass --overwrite")
     checkpoint = HFCheckpoint(args.model)
+    check_supported(checkpoint.config)  # before the weights are read
     tokenizer = args.tokenizer_gguf
     if tokenizer is None:
         found = (embedded_model_file(args.model) if args.model in EMBEDDED_MODELS
@@ -333,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     gg.add_argument("--output", required=True, help="the .gguf file to write")
     gg.add_argument("--type", default="f16", choices=TYPES + QUANTIZE_ONLY, metavar="TYPE",
                     help=f"tensor type of the weight matrices: {', '.join(TYPES)} (norms and biases stay f32; "
-                         "default: f16); k-quants such as q4_k_m: write f16 and run llama.cpp's llama-quantize")
+                         "default: f16); other llama.cpp types (q4_k_m, ...): write f16, then run llama-quantize")
     gg.add_argument("--tokenizer-gguf", default=None,
                     help="a GGUF file of the source model to take the tokenizer from (default: the embedded "
                          "model's, found through the directory's report.json)")

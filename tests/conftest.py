@@ -34,6 +34,17 @@ def smollm2_models(smollm2):
 
 
 @pytest.fixture(scope="session")
+def smollm2_compressed(smollm2):
+    """(model, report) of the embedded SmolLM2 compressed at 0.3 in memory (32 x 256 calibration tokens, block
+    influence allocation, widths multiple of 32 so that every matrix quantises in a GGUF file)."""
+    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.pipeline import CompressionSettings, compress
+
+    tokens = calibration_windows(smollm2.load_tokenizer(), "wikipedia", 32, 256, 0)  # more tokens than MLP channels
+    return compress(smollm2, tokens, CompressionSettings(ratio=0.3, width_multiple=32), progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_compressed(tmp_path_factory, smollm2):
     """(dense directory, compressed directory): a tiny random Llama with SmolLM2's tokenizer, and the directory
     `modegpt compress` writes for it at ratio 0.3 with every module narrowed (``--attention-scale 1``)."""

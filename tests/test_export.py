@@ -151,14 +151,11 @@ def test_exported_config_names_no_path_of_the_source(tmp_path):
 
 
 @pytest.mark.real_model
-def test_embedded_smollm2_export_loads_generates_and_matches(smollm2, tmp_path):
+def test_embedded_smollm2_export_loads_generates_and_matches(smollm2, smollm2_compressed, tmp_path):
     from converters.hf_export import save_model as save
-    from modegpt_jax.calibration import calibration_windows
-    from modegpt_jax.pipeline import CompressionSettings
 
     tokenizer = smollm2.load_tokenizer()
-    tokens = calibration_windows(tokenizer, "wikipedia", 16, 256, 0)  # more tokens than MLP channels
-    model, report = compress(smollm2, tokens, CompressionSettings(ratio=0.3), progress=False)
+    model, report = smollm2_compressed
     out = save(model, tmp_path / "export", base_hf_config=smollm2.hf_config, tokenizer_dir=smollm2.directory)
     text = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     result, logits = load_in_clean_process(out, np.asarray([text]), tmp_path)

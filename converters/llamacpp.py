@@ -1,0 +1,83 @@
+"""Exported GGUF files run in llama.cpp, through its Python binding (``llama-cpp-python``, optional: ``make test``
+builds it): logits, greedy continuation, perplexity and speed, as the tests and ``benchmarks/llamacpp.py`` use them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modegpt_jax.errors import UserError
+
+
+def load(path: str | Path, *, n_ctx: int = 512, threads: int = 2, logits_all: bool = True) -> Any:
+    """A ``llama_cpp.Llama`` for ``path`` on ``threads`` CPU threads (prompt and decoding alike)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise UserError("llama.cpp's Python binding is not installed: pip install llama-cpp-python") from exc
+    return llama_cpp.Llama(model_path=str(path), n_ctx=max(64, n_ctx), n_batch=max(64, n_ctx), logits_all=logits_all,
+                           n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def _window_logits(llm: Any, window: np.ndarray) -> np.ndarray:
+    llm.reset()  # a fresh context for each window
+    llm.eval([int(t) for t in window])
+    return np.array(llm.scores[: len(window)], np.float32)
+
+
+def logits(path: str | Path, windows: np.ndarray, threads: int = 2) -> np.ndarray:
+    """llama.cpp's float32 logits ``[B, T, V]`` of each token window."""
+    llm = load(path, n_ctx=windows.shape[1], threads=threads)
+    return np.stack([_window_logits(llm, window) for window in windows])
+
+
+def perplexity(path: str | Path, windows: np.ndarray, threads: int = 2) -> float:
+    """``exp(mean NLL)`` over every predicted token of the windows (``seqlen - 1`` each), as
+    :func:`modegpt_jax.perplexity.perplexity` counts them."""
+    llm = load(path, n_ctx=windows.shape[1], threads=threads)
+    total, count = 0.0, 0
+    for window in windows:  # one window at a time: [T, V] float64 stays small
+        z = _window_logits(llm, window)[:-1].astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        total -= np.take_along_axis(logp, window[1:, None], -1).sum()
+        count += len(window) - 1
+    return float(np.exp(total / count))
+
+
+def greedy(path: str | Path, prompt: list[int], steps: int, threads: int = 2) -> list[int]:
+    """``steps`` greedy tokens after ``prompt``."""
+    llm = load(path, n_ctx=len(prompt) + steps, threads=threads, logits_all=False)
+    out: list[int] = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        out.append(int(token))
+        if len(out) == steps:
+            return out
+    return out
+
+
+def speed(path: str | Path, prompt: list[int], decode: list[int], threads: int = 2,
+          repeats: int = 3) -> dict[str, float]:
+    """Median tokens/s over ``repeats`` runs (after one untimed warm-up run) of prompt processing (``prompt`` in
+    one batch) and of decoding (``decode`` fed one token at a time after it: the work of generating them, without
+    the sampler)."""
+    import statistics
+
+    llm = load(path, n_ctx=len(prompt) + len(decode), threads=threads, logits_all=False)
+    runs = []
+    for _ in range(repeats + 1):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        middle = time.perf_counter()
+        for token in decode:
+            llm.eval([token])
+        end = time.perf_counter()
+        runs.append((len(prompt) / (middle - start), len(decode) / (end - middle)))
+    llm.close()
+    return {"prompt_tokens_per_s": statistics.median(r[0] for r in runs[1:]),
+            "decode_tokens_per_s": statistics.median(r[1] for r in runs[1:])}
