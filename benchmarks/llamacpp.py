@@ -1,7 +1,7 @@
 """Compressed models in llama.cpp: file size, prompt and decoding speed, held-out perplexity, dense side by side.
 
     python benchmarks/llamacpp.py [--model smollm2-135m] [--ratio 0.3] [--types f16,q8_0,q4_0,q4_1]
-                                  [--threads 2] [--prompt 256] [--decode 64] [--repeats 3] [--ppl-windows 8]
+                                  [--threads 2] [--prompt 256] [--decode 128] [--repeats 5] [--ppl-windows 8]
                                   [--compressed NAME=DIR ...] [--json benchmarks/results/llamacpp.json]
 
 Unless ``--compressed`` names them, two compressed models are made first, each with
@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--types", default="f16,q8_0,q4_0,q4_1")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=256)
-    parser.add_argument("--decode", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ppl-windows", type=int, default=8)
     parser.add_argument("--compressed", nargs="*", default=None, metavar="NAME=DIR",
                         help="compressed directories to use instead of making them")
