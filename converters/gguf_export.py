@@ -17,8 +17,10 @@ query and key rows of each head reordered from the Hugging Face ``rotate_half`` 
 (:func:`interleave_pairs`). The tokenizer is copied from a GGUF of the source model (the embedded models' own
 files, or ``tokenizer_gguf``).
 
-Families: Llama, Mistral without a sliding window, Qwen2. Tested in llama.cpp itself (llama-cpp-python,
-tests/test_llamacpp.py): logits and greedy generation equal the JAX model's.
+Families: Llama, Mistral without a sliding window, Qwen2 (as ``llama`` / ``deci``), and Qwen3 as llama.cpp's
+``qwen3`` architecture, which reads one MLP width and one q/k norm weight for all heads (so: uniform allocation,
+attention whole). Tested in llama.cpp itself (llama-cpp-python, tests/test_llamacpp.py): logits and greedy
+generation equal the JAX model's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from modegpt_jax.errors import UserError
 #: Our model_types whose blocks are Llama blocks in llama.cpp (written as ``llama``, or ``deci`` when the MLP widths
 #: differ between layers).
 FAMILIES = ("llama", "mistral", "qwen2")
+#: Families with an architecture of their own in llama.cpp that reads one MLP width for all layers and one q/k norm
+#: weight for all heads: written only when every layer has the same MLP width and key-query is whole.
+OWN_ARCHITECTURE = {"qwen3": "qwen3"}
 #: Tensor types written directly with the ``gguf`` package's quantisers (matrices only; norms and biases stay
 #: float32). A matrix whose rows are not a whole number of 32-value blocks (a compressed width that is not a
 #: multiple of 32) is written f16, as llama.cpp's converter does; ``--width-multiple 32`` at compression avoids that.
@@ -87,8 +92,14 @@ def padding_cost(config: ModelConfig, bytes_per_value: float) -> dict[str, Any]:
 
 
 def _layer_tensors(config: ModelConfig, i: int, spec: LayerSpec, get) -> Iterator[tuple[str, np.ndarray]]:
-    """The GGUF tensors of block ``i``; ``get(name)`` returns our parameter in PyTorch orientation."""
+    """The GGUF tensors of block ``i``; ``get(name)`` returns our parameter in PyTorch orientation. Query/key rows
+    are reordered to adjacent pairs for the Llama architectures; ``qwen3`` rotates Hugging Face's halves itself."""
     H, G, dh = config.num_heads, config.num_kv_heads, config.head_dim
+    if architecture(config) in ("llama", "deci"):
+        interleave = interleave_pairs
+    else:
+        def interleave(rows, heads):
+            return rows
     pairs = None if spec.rope_pairs is None else [list(p) for p in spec.rope_pairs]
     if pairs is None and spec.qk_dim < dh:
         raise UserError(f"layer {i}: key-query of width {spec.qk_dim} without its kept RoPE pairs")
@@ -99,18 +110,21 @@ def _layer_tensors(config: ModelConfig, i: int, spec: LayerSpec, get) -> Iterato
     v = pad_heads(get(prefix + "v_proj.weight"), G, spec.vo_dim, dh, None)
     o = pad_heads(get(prefix + "o_proj.weight").T, H, spec.vo_dim, dh, None).T
     yield f"blk.{i}.attn_norm.weight", get(f"model.layers.{i}.input_layernorm.weight")
-    yield f"blk.{i}.attn_q.weight", interleave_pairs(q, H)
-    yield f"blk.{i}.attn_k.weight", interleave_pairs(k, G)
+    yield f"blk.{i}.attn_q.weight", interleave(q, H)
+    yield f"blk.{i}.attn_k.weight", interleave(k, G)
     yield f"blk.{i}.attn_v.weight", v
     if config.qkv_bias:  # padded like the rows they belong to
-        yield f"blk.{i}.attn_q.bias", interleave_pairs(pad_heads(get(prefix + "q_proj.bias"), H, spec.qk_dim, dh,
-                                                                 full_pairs, H // G), H)
-        yield f"blk.{i}.attn_k.bias", interleave_pairs(pad_heads(get(prefix + "k_proj.bias"), G, spec.qk_dim, dh,
-                                                                 full_pairs), G)
+        yield f"blk.{i}.attn_q.bias", interleave(pad_heads(get(prefix + "q_proj.bias"), H, spec.qk_dim, dh,
+                                                           full_pairs, H // G), H)
+        yield f"blk.{i}.attn_k.bias", interleave(pad_heads(get(prefix + "k_proj.bias"), G, spec.qk_dim, dh,
+                                                           full_pairs), G)
         yield f"blk.{i}.attn_v.bias", pad_heads(get(prefix + "v_proj.bias"), G, spec.vo_dim, dh, None)
     yield f"blk.{i}.attn_output.weight", np.ascontiguousarray(o)
     if config.o_bias:  # a compressed value-output with value biases carries them here
         yield f"blk.{i}.attn_output.bias", get(prefix + "o_proj.bias")
+    if config.qk_norm:  # one weight of head_dim for all heads (check_supported: key-query whole)
+        yield f"blk.{i}.attn_q_norm.weight", get(prefix + "q_norm.weight")
+        yield f"blk.{i}.attn_k_norm.weight", get(prefix + "k_norm.weight")
     prefix = f"model.layers.{i}."
     yield f"blk.{i}.ffn_norm.weight", get(prefix + "post_attention_layernorm.weight")
     yield f"blk.{i}.ffn_gate.weight", get(prefix + "mlp.gate_proj.weight")
@@ -119,18 +133,25 @@ def _layer_tensors(config: ModelConfig, i: int, spec: LayerSpec, get) -> Iterato
 
 
 def check_supported(config: ModelConfig) -> None:
-    """Refuse, in one line, a model whose blocks llama.cpp's Llama architectures do not compute."""
-    if config.model_type not in FAMILIES:
+    """Refuse, in one line, a model whose blocks the llama.cpp architecture it would be written as does not compute."""
+    if config.model_type not in FAMILIES + tuple(OWN_ARCHITECTURE):
         raise UserError(f"GGUF export of {config.model_type!r} models is not supported yet (supported: "
-                        f"{', '.join(FAMILIES)})")
+                        f"{', '.join(FAMILIES + tuple(OWN_ARCHITECTURE))})")
+    own = config.model_type in OWN_ARCHITECTURE
+    if own and (len({s.mlp_width for s in config.layers}) > 1 or any(s.qk_dim < config.head_dim
+                                                                        for s in config.layers)):
+        raise UserError(f"llama.cpp's {OWN_ARCHITECTURE[config.model_type]} architecture takes one MLP width for all "
+                        "layers and whole key-query heads (one q/k norm weight): compress with --allocation uniform "
+                        "--attention-scale 0 for a GGUF file")
     scaling = (config.rope_scaling or {}).get("rope_type")
     unsupported = {
+        "an output-projection bias": own and config.o_bias,
         "MLP biases": config.mlp_bias,
         f"activation {config.activation!r}": config.activation != "silu",
         f"RoPE scaling {scaling!r}": scaling not in (None, "llama3", "linear"),
         "sliding-window attention": any(spec.sliding_window is not None for spec in config.layers),
         "a non-default attention scale": config.attn_scale is not None,
-        "q/k norms, sandwich norms or scaled embeddings": (config.qk_norm or config.sandwich_norms
+        "q/k norms, sandwich norms or scaled embeddings": ((config.qk_norm and not own) or config.sandwich_norms
                                                            or config.embed_scale is not None),
     }
     found = [what for what, present in unsupported.items() if present]
@@ -152,7 +173,10 @@ def rope_frequency_factors(config: ModelConfig) -> np.ndarray | None:
 
 
 def architecture(config: ModelConfig) -> str:
-    """``llama`` when every layer has the same MLP width, else ``deci`` (reads one width per layer)."""
+    """The family's own llama.cpp architecture (:data:`OWN_ARCHITECTURE`); else ``llama`` when every layer has the
+    same MLP width, ``deci`` (reads one width per layer) when they differ."""
+    if config.model_type in OWN_ARCHITECTURE:
+        return OWN_ARCHITECTURE[config.model_type]
     return "llama" if len({spec.mlp_width for spec in config.layers}) == 1 else "deci"
 
 
@@ -250,7 +274,7 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     widths = [spec.mlp_width for spec in config.layers]
-    writer.add_feed_forward_length(widths[0] if arch == "llama" else widths)
+    writer.add_feed_forward_length(widths if arch == "deci" else widths[0])
     writer.add_head_count(config.num_heads)
     writer.add_head_count_kv(config.num_kv_heads)
     writer.add_key_length(config.head_dim)

@@ -35,6 +35,8 @@ def tiny_hf(out, kind: str, vocab: int, qk_std: float | None = 0.1):
                   num_key_value_heads=2, tie_word_embeddings=kind != "llama3", max_position_embeddings=256)
     if kind == "qwen2":
         config = transformers.Qwen2Config(**common, rope_theta=1e6)
+    elif kind == "qwen3":
+        config = transformers.Qwen3Config(**common, head_dim=16)
     else:
         extra = {}
         if kind == "llama3":
@@ -56,16 +58,21 @@ def tiny_hf(out, kind: str, vocab: int, qk_std: float | None = 0.1):
 
 
 @pytest.mark.parametrize("kind, allocation, arch", [("llama", "bi", "deci"), ("llama", "uniform", "llama"),
-                                                    ("qwen2", "bi", "deci"), ("llama3", "uniform", "llama")])
+                                                    ("qwen2", "bi", "deci"), ("llama3", "uniform", "llama"),
+                                                    ("qwen3", "uniform", "qwen3")])
 def test_tiny_compressed_models_give_our_logits_in_llamacpp(smollm2, tmp_path, monkeypatch, kind, allocation, arch):
     ckpt = tiny_hf(tmp_path / kind, kind, smollm2.config.vocab_size)
     rng = np.random.default_rng(0)
     calib = rng.integers(0, ckpt.config.vocab_size, (16, 32)).astype(np.int32)
-    settings = CompressionSettings(ratio=0.3, allocation=allocation, attention_scale=1.0,
+    own = arch not in ("llama", "deci")  # one MLP width, whole attention (qwen3's q/k norms)
+    settings = CompressionSettings(ratio=0.3, allocation=allocation, attention_scale=0.0 if own else 1.0,
                                    allocation_eps=0.01)  # a spread of MLP widths even on random weights
     model, _ = compress(ckpt, calib, settings, progress=False)
     specs = model.config.layers
-    assert any(s.qk_dim < 16 for s in specs) and any(s.vo_dim < 16 for s in specs)  # padded in the file
+    if not own:  # padded in the file
+        assert any(s.qk_dim < 16 for s in specs) and any(s.vo_dim < 16 for s in specs)
+    else:
+        assert all(s.mlp_width < 128 for s in specs)
     assert (len({s.mlp_width for s in specs}) > 1) == (arch == "deci")
     info = write_gguf(model, tmp_path / "m.gguf", tokenizer_gguf=embedded_model_file("smollm2-135m"),
                       tensor_type="f32")
@@ -78,6 +85,18 @@ def test_tiny_compressed_models_give_our_logits_in_llamacpp(smollm2, tmp_path, m
         plain = write_gguf(model, tmp_path / "plain.gguf", tokenizer_gguf=embedded_model_file("smollm2-135m"),
                            tensor_type="f32")
         assert relative_error(ours, llamacpp.logits(plain["path"], tokens)) > 1e-2
+
+
+def test_qwen3_with_per_layer_widths_is_refused_with_the_settings_that_fit(smollm2, tmp_path):
+    from modegpt_jax.errors import UserError
+
+    ckpt = tiny_hf(tmp_path / "qwen3", "qwen3", smollm2.config.vocab_size)
+    calib = np.random.default_rng(0).integers(0, ckpt.config.vocab_size, (16, 32)).astype(np.int32)
+    model, _ = compress(ckpt, calib, CompressionSettings(ratio=0.3, allocation_eps=0.01), progress=False)
+    assert len({s.mlp_width for s in model.config.layers}) > 1
+    with pytest.raises(UserError, match="--allocation uniform --attention-scale 0"):
+        write_gguf(model, tmp_path / "m.gguf", tokenizer_gguf=embedded_model_file("smollm2-135m"))
+    assert not list(tmp_path.glob("*.gguf*"))
 
 
 # The largest logit error over the logit scale of each type on the tiny model below, about twice what was measured
