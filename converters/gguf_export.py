@@ -15,7 +15,7 @@ ffn_norm/ffn_gate/ffn_up/ffn_down`` (plus ``attn_q/k/v.bias`` and ``attn_output.
 ``output_norm``, ``output`` (left out when the embeddings are tied), PyTorch orientation (``[out, in]``), with the
 query and key rows of each head reordered from the Hugging Face ``rotate_half`` layout to llama.cpp's adjacent pairs
 (:func:`interleave_pairs`). The tokenizer is copied from a GGUF of the source model (the embedded models' own
-files, or ``tokenizer_gguf``).
+files, or ``tokenizer_gguf``) or built from the model directory's tokenizer.json (:mod:`converters.gguf_tokenizer`).
 
 Families: Llama, Mistral without a sliding window, Qwen2 (as ``llama`` / ``deci``), and Qwen3 as llama.cpp's
 ``qwen3`` architecture, which reads one MLP width and one q/k norm weight for all heads (so: uniform allocation,
@@ -203,23 +203,6 @@ def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
         yield "output.weight", get("lm_head.weight")
 
 
-def _tokenizer_fields(source: Path) -> list:
-    """The ``tokenizer.*`` fields of a GGUF file, as (key, value, value type, sub type) for the writer."""
-    import gguf
-
-    reader = gguf.GGUFReader(source)
-    fields = []
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        fields.append((key, field.contents(), kind, sub))
-    if not fields:
-        raise UserError(f"{source} holds no tokenizer")
-    return fields
-
-
 def source_gguf(model_dir: Path) -> Path | None:
     """The GGUF file of the embedded model a compressed directory was made from (its ``report.json``), if any."""
     from converters.resolve import EMBEDDED_MODELS, embedded_model_file
@@ -256,13 +239,25 @@ def _quantised(name: str, array: np.ndarray, tensor_type: str):
     return gguf.quants.quantize(array, quant), quant, tensor_type
 
 
-def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_type: str = "f16",
+def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None = None,
+               tokenizer_dir: str | Path | None = None, tensor_type: str = "f16",
                name: str | None = None) -> dict[str, Any]:
-    """Write ``model`` as a GGUF file; returns what was written (architecture, types, sizes, the padding's cost)."""
+    """Write ``model`` as a GGUF file with the tokenizer of ``tokenizer_gguf`` (a GGUF of the source model) or,
+    without one, of ``tokenizer_dir``'s tokenizer.json; returns what was written (architecture, types, sizes, the
+    padding's cost)."""
     import gguf
+
+    from converters.gguf_tokenizer import fields_from_gguf, fields_from_hf
 
     check_type(tensor_type)
     config: ModelConfig = model.config
+    check_supported(config)
+    if tokenizer_gguf is not None:
+        tokenizer_fields = fields_from_gguf(tokenizer_gguf)
+    elif tokenizer_dir is not None:
+        tokenizer_fields = fields_from_hf(tokenizer_dir, config.vocab_size)
+    else:
+        raise UserError("a GGUF file needs the tokenizer: give a GGUF of the source model or a tokenizer.json")
     tensors = list(gguf_tensors(model))  # checks the family first
     arch = architecture(config)
     out = Path(output)
@@ -284,7 +279,7 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType[{"f32": "ALL_F32"}.get(tensor_type, "MOSTLY_" + tensor_type.upper())])
-    for key, value, kind, sub in _tokenizer_fields(Path(tokenizer_gguf)):
+    for key, value, kind, sub in tokenizer_fields:
         writer.add_key_value(key, value, kind, sub_type=sub)
     kept_f16, written = [], {}
     for tname, array in tensors:
@@ -304,6 +299,7 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path, tensor_
         partial.unlink(missing_ok=True)
     block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type.upper()]]
     per_value = block_bytes / block
-    return {"path": str(out), "architecture": arch, "type": tensor_type, "bytes": out.stat().st_size,
-            "kept_f16": kept_f16, "tensor_types": written, "feed_forward_length": widths,
+    source = tokenizer_gguf if tokenizer_gguf is not None else Path(tokenizer_dir) / "tokenizer.json"
+    return {"path": str(out), "architecture": arch, "tokenizer": str(source), "type": tensor_type,
+            "bytes": out.stat().st_size, "kept_f16": kept_f16, "tensor_types": written, "feed_forward_length": widths,
             "padding": padding_cost(config, per_value)}

@@ -197,20 +197,18 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     checkpoint = HFCheckpoint(args.model)
     check_supported(checkpoint.config)  # before the weights are read
     tokenizer = args.tokenizer_gguf
-    if tokenizer is None:
-        found = (embedded_model_file(args.model) if args.model in EMBEDDED_MODELS
-                 else source_gguf(checkpoint.directory))
-        if found is None:
-            raise UserError("the tokenizer comes from a GGUF file of the source model: pass --tokenizer-gguf FILE")
-        tokenizer = found
-    info = write_gguf(checkpoint.load_model(), output, tokenizer_gguf=tokenizer, tensor_type=args.type,
-                      name=Path(args.model).name)
+    if tokenizer is None:  # the source model's GGUF when there is one, else the directory's tokenizer.json
+        tokenizer = (embedded_model_file(args.model) if args.model in EMBEDDED_MODELS
+                     else source_gguf(checkpoint.directory))
+    info = write_gguf(checkpoint.load_model(), output, tokenizer_gguf=tokenizer, tokenizer_dir=checkpoint.directory,
+                      tensor_type=args.type, name=Path(args.model).name)
     pad = info["padding"]
     if info["kept_f16"]:
         print(f"{len(info['kept_f16'])} matrices whose rows are not whole {args.type} blocks of 32 were written f16 "
               f"(e.g. {info['kept_f16'][0]}); compress with --width-multiple 32 to quantise them all")
     print(f"written {info['path']} ({info['type']}, {info['bytes'] / 2**20:.1f} MiB, llama.cpp architecture "
-          f"{info['architecture']}); feed_forward_length per layer: {info['feed_forward_length']}")
+          f"{info['architecture']}, tokenizer from {info['tokenizer']}); feed_forward_length per layer: "
+          f"{info['feed_forward_length']}")
     if info["architecture"] == "deci":
         print("the MLP widths differ between layers: written as llama.cpp's `deci` architecture (Llama blocks, one "
               "MLP width per layer; its `llama` architecture takes one width); compress with --allocation uniform "
@@ -338,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: f16); other llama.cpp types (q4_k_m, ...): write f16, then run llama-quantize")
     gg.add_argument("--tokenizer-gguf", default=None,
                     help="a GGUF file of the source model to take the tokenizer from (default: the embedded "
-                         "model's, found through the directory's report.json)")
+                         "model's, found through the directory's report.json; else built from the directory's "
+                         "tokenizer.json, byte-level BPE tokenizers only)")
     gg.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     gg.set_defaults(func=cmd_export_gguf)
 

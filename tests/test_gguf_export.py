@@ -1,10 +1,14 @@
 """GGUF export for llama.cpp (``modegpt export-gguf``): tensors laid out as llama.cpp's own converter writes them,
 attention padded back to the full head dimension without changing a logit."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
 from converters.gguf_export import interleave_pairs, pad_heads, padding_cost
+from converters.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, fields_from_hf, pre_tokenizer_name
 from converters.hf_import import HFCheckpoint
 from modegpt_jax.errors import UserError
 from tests.test_cli_errors import assert_user_error, run_cli
@@ -71,8 +75,11 @@ def test_compressed_export_gives_the_same_logits_through_another_reader(smollm2,
 @pytest.mark.real_model
 def test_export_gguf_command(tiny_compressed, tmp_path):
     _, compressed = tiny_compressed
-    # no report naming an embedded source: the tokenizer must be named
-    assert_user_error(run_cli("export-gguf", "--model", str(compressed), "--output", str(tmp_path / "a.gguf")),
+    # no report naming an embedded source and no tokenizer.json: the tokenizer must be named
+    bare = tmp_path / "bare"
+    shutil.copytree(compressed, bare)
+    (bare / "tokenizer.json").unlink()
+    assert_user_error(run_cli("export-gguf", "--model", str(bare), "--output", str(tmp_path / "a.gguf")),
                       "--tokenizer-gguf")
     from converters.resolve import embedded_model_file
 
@@ -108,3 +115,25 @@ def test_unsupported_families_and_types_are_refused(tmp_path):
     with pytest.raises(UserError, match="sliding-window attention"):
         write_gguf(windowed, tmp_path / "m.gguf", tokenizer_gguf=tmp_path / "none.gguf", tensor_type="f32")
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_pre_tokenizers_are_named_as_llama_cpp_names_them(tmp_path):
+    def split(regex):
+        return {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+    assert pre_tokenizer_name({"pre_tokenizer": split(LLAMA3_SPLIT)}) == "llama-bpe"
+    assert pre_tokenizer_name({"pre_tokenizer": split(QWEN2_SPLIT)}) == "qwen2"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}) == "smollm"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+    assert pre_tokenizer_name({"pre_tokenizer": split(r"\p{N}{1,2}")}) is None
+    # refused, not guessed: an unknown split, and SentencePiece-style BPE with byte fallback
+    vocab = {"a": 0, "b": 1}
+    for model, pre, message in (({"type": "BPE", "vocab": vocab, "merges": []}, split(r"\p{N}{1,2}"), "pre-tokenizer"),
+                                ({"type": "BPE", "vocab": vocab, "merges": [], "byte_fallback": True},
+                                 {"type": "Metaspace"}, "byte fallback")):
+        (tmp_path / "tokenizer.json").write_text(json.dumps({"model": model, "pre_tokenizer": pre}))
+        with pytest.raises(UserError, match=message):
+            fields_from_hf(tmp_path, 2)

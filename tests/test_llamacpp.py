@@ -160,3 +160,22 @@ def test_quantised_smollm2_files_keep_the_perplexity(smollm2_files):
     assert abs(figures["f32"] / ours - 1) < 1e-3
     assert abs(figures["q8_0"] / figures["f32"] - 1) < 0.01
     assert 1 <= figures["q4_1"] / figures["f32"] < 1.25
+
+
+def test_tokenizer_built_from_tokenizer_json_tokenizes_like_transformers(smollm2, tmp_path):
+    """Without a GGUF of the source, the tokenizer comes from the directory's tokenizer.json: the same tokens, types
+    and merges as the published GGUF, and llama.cpp splits text into the ids transformers gives."""
+    import gguf
+    import llama_cpp
+
+    ckpt = tiny_hf(tmp_path / "tiny", "llama", smollm2.config.vocab_size)
+    info = write_gguf(ckpt.load_model(), tmp_path / "m.gguf", tokenizer_dir=smollm2.directory, tensor_type="f32")
+    ours, source = gguf.GGUFReader(info["path"]), gguf.GGUFReader(embedded_model_file("smollm2-135m"))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+                "tokenizer.chat_template"):
+        assert ours.fields[key].contents() == source.fields[key].contents(), key
+    text = "In 1879, Edison's lamp burned for 13.5 hours.\n\nCafé déjà-vu:  tabs\tand  spaces  ...  ok?"
+    llm = llama_cpp.Llama(model_path=info["path"], vocab_only=True, verbose=False)
+    expected = smollm2.load_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected
