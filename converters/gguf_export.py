@@ -146,6 +146,7 @@ def check_supported(config: ModelConfig) -> None:
     scaling = (config.rope_scaling or {}).get("rope_type")
     unsupported = {
         "an output-projection bias": own and config.o_bias,
+        "RoPE scaling in this architecture": own and config.rope_scaling is not None,
         "MLP biases": config.mlp_bias,
         f"activation {config.activation!r}": config.activation != "silu",
         f"RoPE scaling {scaling!r}": scaling not in (None, "llama3", "linear"),

@@ -55,25 +55,32 @@ def _steps(pre: dict | None) -> tuple:
     kind = pre.get("type")
     if kind == "Sequence":
         return tuple(step for p in pre.get("pretokenizers", []) for step in _steps(p))
-    if kind == "Split":
+    if kind == "Split" and pre.get("behavior") == "Isolated" and not pre.get("invert"):
         pattern = pre.get("pattern", {})
         return (("split", pattern.get("Regex", pattern.get("String"))),)
     if kind == "Digits":
         return (("digits", bool(pre.get("individual_digits"))),)
-    if kind == "ByteLevel":
+    if kind == "ByteLevel" and not pre.get("add_prefix_space"):
         return (("byte_level", bool(pre.get("use_regex", True))),)
-    return ((kind, json.dumps(pre, sort_keys=True)),)
+    return ((kind, json.dumps(pre, sort_keys=True)),)  # matches no name
 
 
 def pre_tokenizer_name(tokenizer: dict) -> str | None:
     """llama.cpp's name for the pre-tokenizer of a parsed tokenizer.json; None when it is not one of
     :data:`PRE_TOKENIZERS`."""
+    if (tokenizer.get("normalizer") or {}).get("type", "NFC") != "NFC" or tokenizer.get("model", {}).get(
+            "ignore_merges"):
+        return None  # text changed before the split, or words looked up whole: not what llama.cpp does
     return PRE_TOKENIZERS.get(_steps(tokenizer.get("pre_tokenizer")))
 
 
 def _token_id(value: Any, ids: dict[str, int]) -> int | None:
     content = value.get("content") if isinstance(value, dict) else value
     return ids.get(content) if isinstance(content, str) else None
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def fields_from_hf(directory: str | Path, vocab_size: int) -> list:
@@ -86,10 +93,11 @@ def fields_from_hf(directory: str | Path, vocab_size: int) -> list:
         raise UserError(f"{directory} has no tokenizer.json: pass --tokenizer-gguf FILE (a GGUF of the source model)")
     tokenizer = json.loads(path.read_text(encoding="utf-8"))
     model = tokenizer.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not any(
-            step[0] == "byte_level" for step in _steps(tokenizer.get("pre_tokenizer"))):
-        raise UserError(f"{path}: only byte-level BPE tokenizers are converted here (this one is "
-                        f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}): pass "
+    byte_level = '"ByteLevel"' in json.dumps(tokenizer.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
+        what = (f"a {model.get('type')} model" if model.get("type") != "BPE" else "BPE with byte fallback"
+                if model.get("byte_fallback") else "BPE without a ByteLevel pre-tokenizer")
+        raise UserError(f"{path}: only byte-level BPE tokenizers are converted here (this one is {what}): pass "
                         "--tokenizer-gguf FILE (a GGUF of the source model)")
     pre = pre_tokenizer_name(tokenizer)
     if pre is None:
@@ -101,19 +109,35 @@ def fields_from_hf(directory: str | Path, vocab_size: int) -> list:
     for added in tokenizer.get("added_tokens", []):
         ids[added["content"]] = added["id"]
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
-    size = max(vocab_size, max(ids.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    token_types = [UNUSED] * size
+    if max(ids.values()) >= vocab_size:
+        raise UserError(f"{path} has token ids up to {max(ids.values())}, the model's vocabulary only "
+                        f"{vocab_size} rows: not this model's tokenizer")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # rows of the embedding no token uses
+    token_types = [UNUSED] * vocab_size
     for text, i in ids.items():
         tokens[i], token_types[i] = text, types.get(i, NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    post = tokenizer.get("post_processor") or {}
-    single = (post.get("single") or []) if post.get("type") == "TemplateProcessing" else []
-    add_bos = config.get("add_bos_token", bool(single) and "SpecialToken" in single[0])
+    config = _json(directory / "tokenizer_config.json")
+    model_config = _json(directory / "config.json")
+    special = {}
+    for name, key in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
+                      ("padding", "pad_token")):
+        token = _token_id(config.get(key), ids)
+        if token is None and name in ("bos", "eos"):  # as llama.cpp's converter: the model's own ids
+            token = model_config.get(f"{name}_token_id")
+            token = token[0] if isinstance(token, list) and token else token
+        if isinstance(token, int) and 0 <= token < vocab_size:
+            special[name] = token
+    add_bos = config.get("add_bos_token")
+    if not isinstance(add_bos, bool):  # the post-processor's template starts with the BOS token, or not
+        post = tokenizer.get("post_processor") or {}
+        templates = [p for p in post.get("processors", [post]) if p.get("type") == "TemplateProcessing"]
+        first = (templates[0].get("single") or [{}])[0] if templates else {}
+        add_bos = "bos" in special and ids.get(first.get("SpecialToken", {}).get("id")) == special["bos"]
     template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if template is None and (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
 
@@ -123,11 +147,8 @@ def fields_from_hf(directory: str | Path, vocab_size: int) -> list:
               ("tokenizer.ggml.token_type", token_types, V.ARRAY, V.INT32),
               ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING),
               ("tokenizer.ggml.add_bos_token", bool(add_bos), V.BOOL, None)]
-    for name, key in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
-                      ("padding", "pad_token")):
-        token = _token_id(config.get(key), ids)
-        if token is not None:
-            fields.append((f"tokenizer.ggml.{name}_token_id", token, V.UINT32, None))
-    if template:
+    for name, token in special.items():
+        fields.append((f"tokenizer.ggml.{name}_token_id", token, V.UINT32, None))
+    if isinstance(template, str) and template:
         fields.append(("tokenizer.chat_template", template, V.STRING, None))
     return fields

@@ -187,6 +187,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     from converters.gguf_export import check_supported, check_type, source_gguf, write_gguf
+    from converters.gguf_tokenizer import fields_from_hf
     from converters.hf_import import HFCheckpoint
     from converters.resolve import EMBEDDED_MODELS, embedded_model_file
 
@@ -200,6 +201,8 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     if tokenizer is None:  # the source model's GGUF when there is one, else the directory's tokenizer.json
         tokenizer = (embedded_model_file(args.model) if args.model in EMBEDDED_MODELS
                      else source_gguf(checkpoint.directory))
+    if tokenizer is None:  # refused before the weights are read
+        fields_from_hf(checkpoint.directory, checkpoint.config.vocab_size)
     info = write_gguf(checkpoint.load_model(), output, tokenizer_gguf=tokenizer, tokenizer_dir=checkpoint.directory,
                       tensor_type=args.type, name=Path(args.model).name)
     pad = info["padding"]

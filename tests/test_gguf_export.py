@@ -137,3 +137,42 @@ def test_pre_tokenizers_are_named_as_llama_cpp_names_them(tmp_path):
         (tmp_path / "tokenizer.json").write_text(json.dumps({"model": model, "pre_tokenizer": pre}))
         with pytest.raises(UserError, match=message):
             fields_from_hf(tmp_path, 2)
+
+
+def test_llama3_and_qwen_shaped_tokenizers_get_their_special_tokens(tmp_path):
+    """BOS added where the post-processor's template starts with it (Llama 3: inside a Sequence), special ids from
+    config.json where tokenizer_config.json has none (Qwen: bos_token null), the vocabulary padded to the model's."""
+    def tokenizer(split, post):
+        return {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]},
+                "added_tokens": [{"id": 3, "content": "<s>", "special": True},
+                                 {"id": 4, "content": "</s>", "special": True},
+                                 {"id": 5, "content": "<tool>", "special": False}],
+                "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
+                    {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]},
+                "post_processor": post}
+
+    llama3 = tmp_path / "llama3"
+    llama3.mkdir()
+    template = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                                         {"Sequence": {"id": "A", "type_id": 0}}]}
+    (llama3 / "tokenizer.json").write_text(json.dumps(tokenizer(LLAMA3_SPLIT, {
+        "type": "Sequence", "processors": [{"type": "ByteLevel"}, template]})))
+    (llama3 / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    fields = {key: value for key, value, *_ in fields_from_hf(llama3, 8)}
+    assert fields["tokenizer.ggml.pre"] == "llama-bpe" and fields["tokenizer.ggml.add_bos_token"] is True
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (3, 4)
+    assert fields["tokenizer.ggml.tokens"] == ["a", "b", "ab", "<s>", "</s>", "<tool>", "[PAD6]", "[PAD7]"]
+    assert fields["tokenizer.ggml.token_type"] == [1, 1, 1, 3, 3, 4, 5, 5]
+    assert fields["tokenizer.ggml.merges"] == ["a b"]
+
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "tokenizer.json").write_text(json.dumps(tokenizer(QWEN2_SPLIT, {"type": "ByteLevel"})))
+    (qwen / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "</s>"}))
+    (qwen / "config.json").write_text(json.dumps({"bos_token_id": 3, "eos_token_id": 4}))
+    fields = {key: value for key, value, *_ in fields_from_hf(qwen, 6)}
+    assert fields["tokenizer.ggml.pre"] == "qwen2" and fields["tokenizer.ggml.add_bos_token"] is False
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (3, 4)
+    with pytest.raises(UserError, match="not this model's tokenizer"):
+        fields_from_hf(qwen, 5)
