@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make run   - create .venv, install everything, compress the embedded default model at ratio 0.3 and
 #                evaluate the result on the embedded held-out text
-#   make test  - the same set-up, then the whole test suite
+#   make test  - the same set-up, then the test suite (make test-slow: the checks marked slow)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,7 +18,7 @@ WHEEL_CACHE ?= $(HOME)/.cache/modegpt-jax/wheels/$(CPU_KEY)
 LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -43,8 +43,12 @@ run: setup
 	$(VENV)/bin/modegpt compress --model smollm2-135m --ratio 0.3 --output $(RUN_DIR) --overwrite
 	$(VENV)/bin/modegpt eval --model $(RUN_DIR)
 
+# The suite without the checks marked slow (about 22 minutes on 2 cores); test-slow runs those; CI runs both.
 test: setup $(VENV)/.llamacpp
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-slow: setup $(VENV)/.llamacpp
+	$(PY) -m pytest -m slow
 
 clean:
 	rm -rf $(VENV)
