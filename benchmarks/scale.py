@@ -4,7 +4,7 @@
                                [--mesh data=8 --mesh data=2,model=4 [--devices 8]]
                                [--ratio 0.3] [--calib-samples 16] [--calib-seqlen 1024]
                                [--workdir DIR] [--keep] [--dry-run] [--extra-args "--dtype bfloat16 ..."]
-                               [--json benchmarks/results/scale.json]
+                               [--json benchmarks/results/scale.json] [--key NAME]
 
 For each number of layers N it writes a Hugging Face model directory with random bf16 weights in the shapes of
 the chosen model (its first N blocks, plus the embeddings, final norm and output head: :func:`write_checkpoint`),
@@ -280,11 +280,20 @@ def write_checkpoint(shape_name: str, out_dir: str | Path, layers: int | None = 
     shutil.rmtree(out, ignore_errors=True)
     tmp.mkdir(parents=True)
     shards = _plan_shards(specs, SHARD_BYTES)
-    weight_map = {}
-    for k, shard in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(tmp / fname, shard, seed)
-        weight_map.update({name: fname for name, _, _ in shard})
+    names = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    weight_map = {name: fname for fname, shard in zip(names, shards) for name, _, _ in shard}
+    # Each tensor has its own seed, so the shards are independent: written by parallel processes where the
+    # machine has the cores and the memory (each holds one 64 MiB chunk at a time).
+    workers = max(1, min(len(shards), (os.cpu_count() or 1) - 1, 8))
+    if workers == 1:
+        for fname, shard in zip(names, shards):
+            _write_safetensors(tmp / fname, shard, seed)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_write_safetensors, [tmp / f for f in names], shards, [seed] * len(shards)):
+                pass
     params = sum(int(np.prod(dims)) for _, dims, _ in specs)
     index = {"metadata": {"total_size": total, "total_parameters": params},
              "weight_map": dict(sorted(weight_map.items()))}
@@ -417,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--json", default=str(DEFAULT_JSON),
                         help="results file; each shape/mode is stored under its own key (default: %(default)s)")
+    parser.add_argument("--key", default=None,
+                        help="the key in the results file (default: the shape, plus /per-layer or /mesh)")
     args = parser.parse_args(argv)
 
     shape_name = args.shape or ("llama-3-70b" if args.per_layer_only else "llama-2-7b")
@@ -478,7 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                        median_layer_seconds=statistics.median(layer_secs) if layer_secs else None,
                        compile_seconds=timings.get("compile"),
                        achieved_block_ratio=report.get("achieved_block_ratio"),
-                       peak_bytes_per_device=report.get("devices", {}).get("peak_bytes_per_device"))
+                       peak_bytes_per_device=report.get("devices", {}).get("peak_bytes_per_device"),
+                       device=report.get("devices", {}).get("kind"),
+                       device_peak_gib=None if report.get("memory", {}).get("device_peak_bytes") is None
+                       else round(report["memory"]["device_peak_bytes"] / 2**30, 3))
         else:
             row["error_tail"] = run["output_tail"][-15:]
             print(f"   modegpt compress failed (exit code {run['returncode']})", flush=True)
@@ -500,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
            and r.get("mesh") == meshes[0]]
     flat = None if len(rss) < 2 else max(rss) / min(rss) <= 1.05
     print(f"\n{'shape':12} {'N':>3} {'mesh':>16} {'peak RSS GiB':>12} {'wall s':>8} {'s/layer (median)':>17} "
-          f"{'compile s':>9} {'block MiB/dev':>13} {'stats MiB/dev':>13}")
+          f"{'compile s':>9} {'block MiB/dev':>13} {'stats MiB/dev':>13} {'device peak GiB':>15}")
     for r in rows:
         per_dev = r.get("peak_bytes_per_device") or {}
         mib = {k: None if per_dev.get(k) is None else per_dev[k] / 2**20 for k in ("block", "statistics")}
@@ -508,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{_fmt(r.get('peak_rss_gib'), '12.2f')} "
               f"{_fmt(r.get('wall_seconds'), '8.1f')} {_fmt(r.get('median_layer_seconds'), '17.2f')} "
               f"{_fmt(r.get('compile_seconds'), '9.1f')} {_fmt(mib['block'], '13.1f')} "
-              f"{_fmt(mib['statistics'], '13.1f')}"
+              f"{_fmt(mib['statistics'], '13.1f')} {_fmt(r.get('device_peak_gib'), '15.2f')}"
               + ("" if r.get("returncode") == 0 else f"  FAILED (exit {r.get('returncode')})"))
     if flat is None:
         print("RSS flat in N: not enough successful runs to say")
@@ -520,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             phases = ", ".join(f"{k} {v:.1f}" for k, v in r["timings_seconds"].items())
             print(f"  N={r['layers']}{'' if not r.get('mesh') else ', ' + r['mesh']}: {phases}")
 
-    key = f"{shape_name}{'/per-layer' if args.per_layer_only else ''}{'/mesh' if args.mesh else ''}"
+    key = args.key or f"{shape_name}{'/per-layer' if args.per_layer_only else ''}{'/mesh' if args.mesh else ''}"
     result = {
         "shape": shape_name, "dims": dataclasses.asdict(shape),
         "settings": {"ratio": args.ratio, "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,

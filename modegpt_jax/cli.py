@@ -104,7 +104,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     settings = CompressionSettings(
         ratio=args.ratio, allocation=args.allocation, width_multiple=args.width_multiple,
         batch_size=args.batch_size, activation_dtype=args.activation_dtype, matmul_precision=args.matmul_precision,
-        qk_norm_mode=args.qk_norm_mode,
+        qk_norm_mode=args.qk_norm_mode, width_buckets=args.width_buckets,
         activations_on_host={"auto": None, "on": True, "off": False}[args.activations_on_host], **tuned,
     )
     run = RunSettings(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(kept pairs, normalised over the kept channels with a fitted per-head gain; default: "
                          f"{defaults.qk_norm_mode})")
     co.add_argument("--width-multiple", type=int, default=1, help="round kept widths to a multiple of this")
+    co.add_argument("--width-buckets", type=int, default=None,
+                    help="MLP widths are zero-padded to one of this many sizes in the refit and the calibration "
+                         "passes, so layers share compilations; the result does not change (default: 16 on CPU, "
+                         "4 on GPU/TPU, where compiling costs more than the padding)")
     co.add_argument("--bi-samples", type=int, default=None,
                     help=f"calibration windows used for block influence (default: {defaults.bi_samples})")
     co.add_argument("--batch-size", type=int, default=8, help="calibration windows per step (default: 8)")

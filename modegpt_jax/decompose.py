@@ -330,7 +330,7 @@ def _one_call(n: int) -> bool:
 def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, *,
                 w_gate: jax.Array | None = None, b_up: jax.Array | None = None,
                 alpha: float = DEFAULT_LEVERAGE_ALPHA, delta: float | None = None,
-                precision64: bool | None = None) -> dict[str, jax.Array | None]:
+                precision64: bool | None = None, buckets: int = 16) -> dict[str, jax.Array | None]:
     """Type I (MLP) compression: keep ``width`` intermediate channels and refit the down projection.
 
     Module: ``f(x) = A W_D`` with ``A = s(x W_U + b_U)`` (OPT) or ``A = silu(x W_G) * (x W_U)`` (gated MLP);
@@ -355,6 +355,8 @@ def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, 
         alpha: leverage ridge (relative), see :data:`DEFAULT_LEVERAGE_ALPHA`.
         delta: refit ridge (relative); None for the precision's default.
         precision64: see the module docstring.
+        buckets: the refit is solved in ``width_bucket(width, d_int, buckets)`` slots (one compilation per
+            bucket, not per width); the result does not depend on it beyond rounding.
 
     Returns:
         ``{"w_up": [d, width], "w_gate": [d, width] | None, "w_down": [width, d], "b_up": [width] | None,
@@ -375,7 +377,7 @@ def nystrom_mlp(C_s: jax.Array, w_up: jax.Array, w_down: jax.Array, width: int, 
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
 
-    slots = width_bucket(width, d_int)
+    slots = width_bucket(width, d_int, parts=buckets)
     with compute_context(precision64) as cdt:
         # C_s stays in its own precision (float32 statistics gain nothing from a float64 copy, which would be the
         # largest buffer of a wide MLP: 1 GB at width 11008); the kernels cast what they use.

@@ -81,6 +81,17 @@ class CompressionSettings:
     # folded into the norm weight (corrected_qk_norms). "whole" won on Gemma 3 270M's validation split at ratio
     # 0.3 (benchmarks/results/qk_norm.json).
     qk_norm_mode: str = "whole"
+    # The MLP's kept width is padded (with exact zeros) up to one of this many evenly spaced sizes in the refit and
+    # the calibration passes, so layers whose widths share a size share compilations. None: 16 on CPU, 4 on GPUs
+    # and TPUs, where a compilation costs more than the padded work (a new MLP size cost ~25 s per layer on an
+    # H200 with Llama-2-7B shapes, against ~1 s of extra matmuls at 4).
+    width_buckets: int | None = None
+
+    def mlp_buckets(self) -> int:
+        """:attr:`width_buckets`, or the backend's default."""
+        if self.width_buckets is not None:
+            return self.width_buckets
+        return 16 if jax.default_backend() == "cpu" else 4
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -103,6 +114,8 @@ class CompressionSettings:
         if self.qk_norm_mode not in ("whole", "corrected"):
             raise UserError(f"qk_norm_mode must be whole or corrected, got {self.qk_norm_mode!r}",
                             argument="qk_norm_mode")
+        if self.width_buckets is not None and self.width_buckets < 1:
+            raise UserError(f"width_buckets must be at least 1, got {self.width_buckets}", argument="width_buckets")
 
 
 class LayerSource(Protocol):
@@ -347,6 +360,7 @@ def compress_mlp(dense: Block, out_cfg: ModelConfig, spec: LayerSpec, C_s: np.nd
         C_s, mlp.up_proj.kernel[...], mlp.down_proj.kernel[...], spec.mlp_width,
         w_gate=_value(mlp.gate_proj.kernel) if mlp.gate_proj is not None else None,
         b_up=_value(mlp.up_proj.bias), alpha=settings.leverage_alpha, precision64=settings.precision64,
+        buckets=settings.mlp_buckets(),
     )
     new = nnx.eval_shape(lambda: MLP(out_cfg, spec, dtype=mlp.up_proj.kernel.dtype, rngs=nnx.Rngs(0)))
     new.up_proj.kernel.set_value(res["w_up"])
@@ -424,11 +438,11 @@ def bucketed_attention(attn: Attention, cfg: ModelConfig, spec: LayerSpec) -> At
     return new
 
 
-def bucketed_mlp(mlp: MLP, cfg: ModelConfig, spec: LayerSpec) -> MLP:
-    """The compressed MLP zero-padded up to its width bucket, for the calibration passes. Exact: a zero
-    intermediate channel is ``act(0) * 0 = 0`` (gated), ``act(0 + 0) = 0`` (ReLU/GELU), and meets a zero row
-    of the down projection."""
-    width = decompose.width_bucket(spec.mlp_width, cfg.intermediate_size)
+def bucketed_mlp(mlp: MLP, cfg: ModelConfig, spec: LayerSpec, parts: int = 16) -> MLP:
+    """The compressed MLP zero-padded up to its width bucket (one of ``parts``), for the calibration passes.
+    Exact: a zero intermediate channel is ``act(0) * 0 = 0`` (gated), ``act(0 + 0) = 0`` (ReLU/GELU), and meets a
+    zero row of the down projection."""
+    width = decompose.width_bucket(spec.mlp_width, cfg.intermediate_size, parts=parts)
     if width == spec.mlp_width:
         return mlp
     padded_spec = dataclasses.replace(spec, mlp_width=width)
@@ -478,17 +492,38 @@ class _CompileClock:
             cls.seconds += duration
 
 
+class _Phases:
+    """Seconds spent in each phase of one layer, measured to the moment the phase's results are ready (the
+    dispatch is asynchronous, so a phase is timed up to ``jax.block_until_ready`` of what it produced)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str, *outputs: Any) -> None:
+        jax.block_until_ready(outputs)
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 3)
+        self._t = now
+
+
+def _device_peak_bytes() -> int | None:
+    """The most bytes any local device has held so far, where the backend reports it (GPUs, TPUs; not CPUs)."""
+    try:
+        peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    except Exception:
+        return None
+    return int(max(peaks)) if peaks and all(p is not None for p in peaks) else None
+
+
 def _peak_memory() -> dict[str, int]:
     """Peak resident memory of this process and, where the backend reports it, of each local device."""
     import resource
 
     out = {"peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
-    try:
-        peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
-    except Exception:
-        peaks = []
-    if peaks and all(p is not None for p in peaks):
-        out["device_peak_bytes"] = int(max(peaks))
+    device_peak = _device_peak_bytes()
+    if device_peak is not None:
+        out["device_peak_bytes"] = device_peak
     return out
 
 
@@ -661,23 +696,27 @@ def _plan(source, dense, out_cfg, calib, settings, layer_specs, resume, mesh, pr
 
 
 def _compress_layer(block: Block, hs: HiddenStates, calib: _Calibration, out_cfg: ModelConfig, spec: LayerSpec,
-                    settings: CompressionSettings, mesh, where: str) -> tuple[Block, LayerSpec, dict, dict]:
+                    settings: CompressionSettings, mesh, where: str) -> tuple[Block, LayerSpec, dict, dict, dict]:
     """One layer: attention statistics -> key-query and value-output -> compressed attention over every batch
     (with the MLP statistics) -> Nystrom MLP -> compressed MLP over every batch. ``hs`` ends as the layer's
     output. The passes and error metrics run on width-bucketed copies of the compressed modules (exact zero
     padding), so layers of similar widths share compilations. Also returns the most bytes one device held of the
-    dense block and of the largest statistic."""
+    dense block and of the largest statistic, and the seconds of each phase (:class:`_Phases`)."""
+    clock = _Phases()
     graphdef, state = nnx.split(block)
     acc = stats.Accumulator()
     for j in range(len(hs)):
         acc.add("s", _attention_statistics(graphdef, state, hs.get(j), mesh=mesh))
     device_bytes = {"block": bytes_per_device(nnx.state(block)), "statistics": bytes_per_device(acc.get("s")["C"])}
     s = acc.finalize(where=where)["s"]
+    clock.lap("attention_statistics", s)
     attn, spec, errors = compress_attention(block, out_cfg, spec, s["C"], s["E_q"], s["E_k"], settings)
     padded_attn = sharding.place(bucketed_attention(attn, out_cfg, spec), mesh)
+    clock.lap("attention_decomposition", nnx.state(padded_attn))
     errors["vo"] = float(reconstruction.vo_relative_error(*map(to_compute_device, (
         s["C"], block.attn.v_proj.kernel[...], block.attn.o_proj.kernel[...], padded_attn.v_proj.kernel[...],
         padded_attn.o_proj.kernel[...])), out_cfg.num_heads))
+    clock.lap("errors")
     del s
 
     attn_def, attn_state = nnx.split(padded_attn)
@@ -689,21 +728,25 @@ def _compress_layer(block: Block, hs: HiddenStates, calib: _Calibration, out_cfg
     del attn_state, padded_attn
     device_bytes["statistics"] = max(device_bytes["statistics"], bytes_per_device(acc.get("C_s")))
     C_s = acc.finalize(where=where)["C_s"]
+    clock.lap("attention_pass", C_s)
     mlp, kept = compress_mlp(block, out_cfg, spec, C_s, settings)
-    padded_mlp = sharding.place(bucketed_mlp(mlp, out_cfg, spec), mesh)
+    padded_mlp = sharding.place(bucketed_mlp(mlp, out_cfg, spec, settings.mlp_buckets()), mesh)
+    clock.lap("mlp_decomposition", nnx.state(padded_mlp))
     slots = padded_mlp.down_proj.kernel.shape[0]
     errors["mlp"] = float(reconstruction.mlp_relative_error(*map(to_compute_device, (  # zero rows add nothing
         C_s, block.mlp.down_proj.kernel[...], _zero_pad(kept, 0, slots), padded_mlp.down_proj.kernel[...]))))
+    clock.lap("errors")
     del C_s
 
     mlp_def, mlp_state = nnx.split(padded_mlp)
     for j in range(len(hs)):
         hs.set(j, _mlp_pass(graphdef, state, mlp_def, mlp_state, hs.get(j), mesh=mesh))
+    clock.lap("mlp_pass", *(hs.get(j) for j in range(len(hs)) if not hs.on_host))
 
     new = nnx.eval_shape(lambda: Block(out_cfg, spec, dtype=block.attn_norm.weight.dtype, rngs=nnx.Rngs(0)))
     new.attn_norm, new.mlp_norm, new.attn, new.mlp = block.attn_norm, block.mlp_norm, attn, mlp
     new.attn_post_norm, new.mlp_post_norm = block.attn_post_norm, block.mlp_post_norm
-    return new, spec, errors, device_bytes
+    return new, spec, errors, device_bytes, clock.seconds
 
 
 def _check_same_on_every_process(digest: str, layer: int) -> None:
@@ -781,8 +824,8 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
                initial=start, total=dense.num_layers)
     try:
         for i in bar:
-            lt = time.perf_counter()
-            new, spec, errors, device_bytes = _compress_layer(
+            lt, compile_before = time.perf_counter(), _CompileClock.now()
+            new, spec, errors, device_bytes, phases = _compress_layer(
                 source.load_block(i, mesh=mesh), hs, calib, out_cfg, specs[i], settings, mesh, where=f"layer {i}")
             final_specs.append(spec)
             arrays = staging.block_arrays(new)
@@ -793,6 +836,7 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
             else:
                 staging.write_block(staging_dir, i, arrays)
             del new, arrays
+            phases["write"] = round(time.perf_counter() - lt - sum(phases.values()), 3)
             entry = {
                 "layer": i,
                 "block_influence": None if bi is None else float(bi[i]),
@@ -806,6 +850,10 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
                 "checksum": digest,
                 "bytes_per_device": device_bytes,
                 "seconds": round(time.perf_counter() - lt, 3),
+                # compilations happen inside the phases: their seconds are part of the phases' too
+                "compile_seconds": round(_CompileClock.now() - compile_before, 3),
+                "phase_seconds": phases,
+                "device_peak_bytes": _device_peak_bytes(),
             }
             if resume is not None:
                 # What resuming costs the run: the hidden states copied off for writing (the write itself overlaps
@@ -814,7 +862,10 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
             layer_reports.append(entry)
             msg = (f"layer {i:>3}: sparsity {phi[i]:.3f}  mlp {spec.mlp_width}/{dense.intermediate_size}  "
                    f"qk {spec.qk_dim}/{dense.head_dim}  vo {spec.vo_dim}/{dense.head_dim}  |  rel. error "
-                   f"mlp {errors['mlp']:.4f}  vo {errors['vo']:.4f}  qk score dropped {errors['qk_score_dropped']:.4f}")
+                   f"mlp {errors['mlp']:.4f}  vo {errors['vo']:.4f}  qk score dropped {errors['qk_score_dropped']:.4f}"
+                   f"  |  {entry['seconds']:.1f} s (compile {entry['compile_seconds']:.1f} s)"
+                   + ("" if entry["device_peak_bytes"] is None
+                      else f", device peak {entry['device_peak_bytes'] / 2**30:.1f} GiB"))
             log.info(msg)
             if progress:
                 bar.write(msg)
@@ -845,6 +896,7 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
         "settings": dataclasses.asdict(settings),
         "calibration": {"samples": int(len(tokens) * jax.process_count()), "seqlen": int(tokens.shape[1])},
         "devices": {"mesh": dict(mesh.shape), "processes": jax.process_count(),
+                    "kind": jax.local_devices()[0].device_kind, "platform": jax.default_backend(),
                     "activations_on_host": bool(on_host),
                     # the most one device held of a dense block's weights and of one layer's Gram matrices
                     "peak_bytes_per_device": {k: max((r.get("bytes_per_device", {}).get(k, 0) for r in layer_reports),

@@ -59,10 +59,11 @@ def test_bucketed_mlp_is_exact(gated, bias):
     spec = LayerSpec(101, 32, 32)
     mlp = MLP(cfg, spec, dtype=jnp.float32, rngs=nnx.Rngs(0))
     randomise(mlp, 3)
-    padded = bucketed_mlp(mlp, cfg, spec)
-    assert padded.down_proj.kernel.shape[0] == width_bucket(101, 160) > 101
     x = jax.random.normal(jax.random.key(4), (2, 7, 48))
-    np.testing.assert_allclose(np.asarray(padded(x)), np.asarray(mlp(x)), atol=2e-5, rtol=0)
+    for parts, width in ((16, width_bucket(101, 160)), (4, 120), (1, 160)):
+        padded = bucketed_mlp(mlp, cfg, spec, parts)
+        assert padded.down_proj.kernel.shape[0] == width > 101
+        np.testing.assert_allclose(np.asarray(padded(x)), np.asarray(mlp(x)), atol=2e-5, rtol=0)
 
 
 def test_width_bucket():

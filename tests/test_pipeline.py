@@ -126,6 +126,28 @@ def test_in_memory_model_gives_the_same_result_as_streaming(checkpoints):
     np.testing.assert_array_equal(np.asarray(streamed(tokens)), np.asarray(in_memory(tokens)))
 
 
+def test_width_buckets_change_compilations_not_the_result(checkpoints):
+    """One bucket pads every MLP to the dense width in the refit and the passes, 16 only to the next sixteenth:
+    the kept channels and widths are the same and the weights agree to rounding."""
+    ckpt = checkpoints["llama_gqa_untied"]
+    one, r1 = compress(ckpt, calibration(), equal_split(ratio=0.3, width_buckets=1), progress=False)
+    many, r16 = compress(ckpt, calibration(), equal_split(ratio=0.3, width_buckets=16), progress=False)
+    assert [lay["mlp_width"] for lay in r1["layers"]] == [lay["mlp_width"] for lay in r16["layers"]]
+    assert any(lay["mlp_width"] < ckpt.config.intermediate_size for lay in r1["layers"])
+    for a, b in zip(one.layers, many.layers):
+        np.testing.assert_array_equal(np.asarray(a.mlp.up_proj.kernel[...]), np.asarray(b.mlp.up_proj.kernel[...]))
+        np.testing.assert_allclose(np.asarray(a.mlp.down_proj.kernel[...]), np.asarray(b.mlp.down_proj.kernel[...]),
+                                   rtol=0, atol=1e-5 * float(np.abs(np.asarray(b.mlp.down_proj.kernel[...])).max()))
+    for layer in r16["layers"]:  # every layer's time is split into phases; compile time is counted
+        phases = layer["phase_seconds"]
+        assert {"attention_statistics", "attention_decomposition", "attention_pass", "mlp_decomposition",
+                "mlp_pass", "errors", "write"} <= set(phases) and min(phases.values()) >= 0
+        assert sum(phases.values()) == pytest.approx(layer["seconds"], abs=0.05)
+        assert 0 <= layer["compile_seconds"] <= layer["seconds"]
+    with pytest.raises(UserError, match="width_buckets"):
+        compress(ckpt, calibration(), equal_split(ratio=0.3, width_buckets=0), progress=False)
+
+
 @pytest.mark.parametrize("name", ["llama_gqa_untied", "opt", "qwen2"])
 def test_compressed_directory_round_trips(checkpoints, name, tmp_path):
     ckpt = checkpoints[name]

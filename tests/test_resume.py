@@ -38,8 +38,8 @@ def deterministic_files(directory):
     report.pop("timings_seconds")
     report.pop("memory")
     for layer in report["layers"]:
-        layer.pop("seconds")
-        layer.pop("resume_seconds")
+        for timing in ("seconds", "resume_seconds", "compile_seconds", "phase_seconds", "device_peak_bytes"):
+            layer.pop(timing)
     config = yaml.safe_load((directory / "run_config.yaml").read_text())
     assert config.pop("output") == str(directory)
     return files, report, config
