@@ -17,10 +17,13 @@ query and key rows of each head reordered from the Hugging Face ``rotate_half`` 
 (:func:`interleave_pairs`). The tokenizer is copied from a GGUF of the source model (the embedded models' own
 files, or ``tokenizer_gguf``) or built from the model directory's tokenizer.json (:mod:`converters.gguf_tokenizer`).
 
-Families: Llama, Mistral without a sliding window, Qwen2 (as ``llama`` / ``deci``), and Qwen3 as llama.cpp's
-``qwen3`` architecture, which reads one MLP width and one q/k norm weight for all heads (so: uniform allocation,
-attention whole). Tested in llama.cpp itself (llama-cpp-python, tests/test_llamacpp.py): logits and greedy
-generation equal the JAX model's.
+Families: Llama, Mistral without a sliding window, Qwen2 (as ``llama`` / ``deci``); Qwen3 and Gemma 3 as
+llama.cpp's own ``qwen3`` and ``gemma3`` architectures, which read one MLP width and one q/k norm weight for all
+heads (so: uniform allocation, key-query whole). Gemma 3 adds ``post_attention_norm`` / ``post_ffw_norm`` (its
+sandwich norms), norm weights written as ``1 + w`` (llama.cpp multiplies by the weight itself), the layers' sliding
+windows as a per-layer ``sliding_window_pattern`` with the local RoPE base ``rope.freq_base_swa``, and a softmax
+scale other than llama.cpp's folded into the query norm's weight. Tested in llama.cpp itself (llama-cpp-python,
+tests/test_llamacpp.py): logits and greedy generation equal the JAX model's.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from modegpt_jax.errors import UserError
 FAMILIES = ("llama", "mistral", "qwen2")
 #: Families with an architecture of their own in llama.cpp that reads one MLP width for all layers and one q/k norm
 #: weight for all heads: written only when every layer has the same MLP width and key-query is whole.
-OWN_ARCHITECTURE = {"qwen3": "qwen3"}
+OWN_ARCHITECTURE = {"qwen3": "qwen3", "gemma3_text": "gemma3"}
+#: The MLP activation each architecture computes (llama.cpp's GELU is the tanh approximation).
+ACTIVATION = {"gemma3": "gelu_pytorch_tanh"}
 #: Tensor types written directly with the ``gguf`` package's quantisers (matrices only; norms and biases stay
 #: float32). A matrix whose rows are not a whole number of 32-value blocks (a compressed width that is not a
 #: multiple of 32) is written f16, as llama.cpp's converter does; ``--width-multiple 32`` at compression avoids that.
@@ -95,6 +100,11 @@ def _layer_tensors(config: ModelConfig, i: int, spec: LayerSpec, get) -> Iterato
     """The GGUF tensors of block ``i``; ``get(name)`` returns our parameter in PyTorch orientation. Query/key rows
     are reordered to adjacent pairs for the Llama architectures; ``qwen3`` rotates Hugging Face's halves itself."""
     H, G, dh = config.num_heads, config.num_kv_heads, config.head_dim
+    offset = 1.0 if config.norm == "rms_offset" else 0.0  # Gemma stores x * (1 + w); llama.cpp computes x * w
+
+    def norm(name: str, scale: float = 1.0) -> np.ndarray:
+        return ((get(name) + offset) * scale).astype(np.float32)
+
     if architecture(config) in ("llama", "deci"):
         interleave = interleave_pairs
     else:
@@ -109,7 +119,7 @@ def _layer_tensors(config: ModelConfig, i: int, spec: LayerSpec, get) -> Iterato
     k = pad_heads(get(prefix + "k_proj.weight"), G, spec.qk_dim, dh, full_pairs)
     v = pad_heads(get(prefix + "v_proj.weight"), G, spec.vo_dim, dh, None)
     o = pad_heads(get(prefix + "o_proj.weight").T, H, spec.vo_dim, dh, None).T
-    yield f"blk.{i}.attn_norm.weight", get(f"model.layers.{i}.input_layernorm.weight")
+    yield f"blk.{i}.attn_norm.weight", norm(f"model.layers.{i}.input_layernorm.weight")
     yield f"blk.{i}.attn_q.weight", interleave(q, H)
     yield f"blk.{i}.attn_k.weight", interleave(k, G)
     yield f"blk.{i}.attn_v.weight", v
@@ -123,13 +133,30 @@ def _layer_tensors(config: ModelConfig, i: int, spec: LayerSpec, get) -> Iterato
     if config.o_bias:  # a compressed value-output with value biases carries them here
         yield f"blk.{i}.attn_output.bias", get(prefix + "o_proj.bias")
     if config.qk_norm:  # one weight of head_dim for all heads (check_supported: key-query whole)
-        yield f"blk.{i}.attn_q_norm.weight", get(prefix + "q_norm.weight")
-        yield f"blk.{i}.attn_k_norm.weight", get(prefix + "k_norm.weight")
+        # the query norm comes right before RoPE (linear) and llama.cpp's softmax scale: the model's own scale is
+        # that scale times this factor
+        yield f"blk.{i}.attn_q_norm.weight", norm(prefix + "q_norm.weight", softmax_scale_factor(config))
+        yield f"blk.{i}.attn_k_norm.weight", norm(prefix + "k_norm.weight")
     prefix = f"model.layers.{i}."
-    yield f"blk.{i}.ffn_norm.weight", get(prefix + "post_attention_layernorm.weight")
+    if config.sandwich_norms:
+        yield f"blk.{i}.post_attention_norm.weight", norm(prefix + "post_attention_layernorm.weight")
+        yield f"blk.{i}.ffn_norm.weight", norm(prefix + "pre_feedforward_layernorm.weight")
+    else:
+        yield f"blk.{i}.ffn_norm.weight", norm(prefix + "post_attention_layernorm.weight")
     yield f"blk.{i}.ffn_gate.weight", get(prefix + "mlp.gate_proj.weight")
     yield f"blk.{i}.ffn_up.weight", get(prefix + "mlp.up_proj.weight")
     yield f"blk.{i}.ffn_down.weight", get(prefix + "mlp.down_proj.weight")
+    if config.sandwich_norms:
+        yield f"blk.{i}.post_ffw_norm.weight", norm(prefix + "post_feedforward_layernorm.weight")
+
+
+def softmax_scale_factor(config: ModelConfig) -> float:
+    """The model's attention softmax scale over the one llama.cpp applies (``gemma3``: ``1/sqrt(head_dim)``, or
+    ``1/sqrt(hidden / heads)`` for its 62-layer 27B), folded into the query norm; 1 where they agree."""
+    if config.attn_scale is None:
+        return 1.0
+    own = (config.hidden_size / config.num_heads if config.num_layers == 62 else config.head_dim) ** -0.5
+    return float(config.attn_scale / own)
 
 
 def check_supported(config: ModelConfig) -> None:
@@ -140,20 +167,33 @@ def check_supported(config: ModelConfig) -> None:
     own = config.model_type in OWN_ARCHITECTURE
     if own and (len({s.mlp_width for s in config.layers}) > 1 or any(s.qk_dim < config.head_dim
                                                                         for s in config.layers)):
+        flags = ("--allocation uniform (key-query stays whole with the default --qk-norm-mode whole)"
+                 if OWN_ARCHITECTURE[config.model_type] == "gemma3" else "--allocation uniform --attention-scale 0")
         raise UserError(f"llama.cpp's {OWN_ARCHITECTURE[config.model_type]} architecture takes one MLP width for all "
-                        "layers and whole key-query heads (one q/k norm weight): compress with --allocation uniform "
-                        "--attention-scale 0 for a GGUF file")
+                        f"layers and whole key-query heads (one q/k norm weight): compress with {flags} for a GGUF "
+                        "file")
     scaling = (config.rope_scaling or {}).get("rope_type")
+    arch = OWN_ARCHITECTURE.get(config.model_type)
+    gemma = arch == "gemma3"
+    windows = {spec.sliding_window for spec in config.layers} - {None}
+    activation = ACTIVATION.get(arch, "silu")
     unsupported = {
         "an output-projection bias": own and config.o_bias,
-        "RoPE scaling in this architecture": own and config.rope_scaling is not None,
+        f"RoPE scaling {scaling!r} in this architecture": own and config.rope_scaling is not None and not (
+            gemma and scaling == "linear"),
         "MLP biases": config.mlp_bias,
-        f"activation {config.activation!r}": config.activation != "silu",
+        f"activation {config.activation!r}": config.activation != activation,
         f"RoPE scaling {scaling!r}": scaling not in (None, "llama3", "linear"),
-        "sliding-window attention": any(spec.sliding_window is not None for spec in config.layers),
-        "a non-default attention scale": config.attn_scale is not None,
-        "q/k norms, sandwich norms or scaled embeddings": ((config.qk_norm and not own) or config.sandwich_norms
-                                                           or config.embed_scale is not None),
+        "sliding-window attention": bool(windows) and not gemma,
+        "sliding windows of several sizes": len(windows) > 1,
+        "a non-default attention scale": config.attn_scale is not None and not gemma,
+        "q/k norms, sandwich norms or scaled embeddings": not gemma and (
+            (config.qk_norm and not own) or config.sandwich_norms or config.embed_scale is not None),
+        "an embedding scale other than sqrt(hidden size)": gemma and (
+            config.embed_scale is None or abs(config.embed_scale - config.hidden_size ** 0.5) > 1e-6),
+        "a model without sandwich norms or q/k norms": gemma and not (config.sandwich_norms and config.qk_norm),
+        "norm weights not stored as offsets from 1": gemma and config.norm != "rms_offset",
+        "offset norms": not gemma and config.norm == "rms_offset",
     }
     found = [what for what, present in unsupported.items() if present]
     if found:
@@ -194,12 +234,12 @@ def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
         return np.asarray(entries[name].load(), np.float32)
 
     yield "token_embd.weight", get("model.embed_tokens.weight")
-    factors = rope_frequency_factors(config)
+    factors = rope_frequency_factors(config) if architecture(config) in ("llama", "deci") else None
     if factors is not None:
         yield "rope_freqs.weight", factors
     for i, spec in enumerate(config.layers):
         yield from _layer_tensors(config, i, spec, get)
-    yield "output_norm.weight", get("model.norm.weight")
+    yield "output_norm.weight", get("model.norm.weight") + (1.0 if config.norm == "rms_offset" else 0.0)
     if not config.tie_word_embeddings:
         yield "output.weight", get("lm_head.weight")
 
@@ -277,6 +317,17 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
+    if config.rope_scaling is not None and arch not in ("llama", "deci"):  # those take it as rope_freqs
+        # gemma3 (check_supported: linear): the global layers' positions scaled, the sliding ones' not
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+    windows = [spec.sliding_window for spec in config.layers]
+    if any(w is not None for w in windows):  # gemma3 (check_supported): one window size, a pattern per layer
+        writer.add_sliding_window(int(next(w for w in windows if w is not None)))
+        writer.add_key_value(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch),
+                             [w is not None for w in windows], gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.BOOL)
+        writer.add_rope_freq_base_swa(float(config.local_rope_theta or config.rope_theta))
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType[{"f32": "ALL_F32"}.get(tensor_type, "MOSTLY_" + tensor_type.upper())])

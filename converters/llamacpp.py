@@ -13,14 +13,17 @@ import numpy as np
 from modegpt_jax.errors import UserError
 
 
-def load(path: str | Path, *, n_ctx: int = 512, threads: int = 2, logits_all: bool = True) -> Any:
-    """A ``llama_cpp.Llama`` for ``path`` on ``threads`` CPU threads (prompt and decoding alike)."""
+def load(path: str | Path, *, n_ctx: int = 512, threads: int = 2, logits_all: bool = True,
+         kv_f32: bool = False) -> Any:
+    """A ``llama_cpp.Llama`` for ``path`` on ``threads`` CPU threads (prompt and decoding alike). The KV cache is
+    float16 (llama.cpp's default, which rounds keys and values to about 5e-4) unless ``kv_f32``."""
     try:
         import llama_cpp
     except ImportError as exc:
         raise UserError("llama.cpp's Python binding is not installed: pip install llama-cpp-python") from exc
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
     return llama_cpp.Llama(model_path=str(path), n_ctx=max(64, n_ctx), n_batch=max(64, n_ctx), logits_all=logits_all,
-                           n_threads=threads, n_threads_batch=threads, verbose=False)
+                           n_threads=threads, n_threads_batch=threads, verbose=False, **kv)
 
 
 def _window_logits(llm: Any, window: np.ndarray) -> np.ndarray:
@@ -29,9 +32,9 @@ def _window_logits(llm: Any, window: np.ndarray) -> np.ndarray:
     return np.array(llm.scores[: len(window)], np.float32)
 
 
-def logits(path: str | Path, windows: np.ndarray, threads: int = 2) -> np.ndarray:
-    """llama.cpp's float32 logits ``[B, T, V]`` of each token window."""
-    llm = load(path, n_ctx=windows.shape[1], threads=threads)
+def logits(path: str | Path, windows: np.ndarray, threads: int = 2, kv_f32: bool = False) -> np.ndarray:
+    """llama.cpp's float32 logits ``[B, T, V]`` of each token window (``kv_f32``: see :func:`load`)."""
+    llm = load(path, n_ctx=windows.shape[1], threads=threads, kv_f32=kv_f32)
     return np.stack([_window_logits(llm, window) for window in windows])
 
 

@@ -69,3 +69,35 @@ def test_compressed_export_loads_in_transformers_and_generates(gemma3, tmp_path)
     assert result["class"] == "ModeGPTForCausalLM" and result["generate_equals_greedy"]
     assert result["params"] == report["params_after"]
     np.testing.assert_allclose(logits, np.asarray(model(ids)), atol=2e-4, rtol=0)
+
+
+@pytest.mark.slow  # about 2.5 minutes: a compression of the real model, then llama.cpp
+def test_uniform_compression_runs_in_llamacpp(gemma3, tmp_path):
+    """Compressed with one MLP width and key-query whole (what llama.cpp's gemma3 architecture holds), value-output
+    compressed and padded back: the GGUF gives our logits in llama.cpp and continues the text as we do."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make test`")
+    from converters import llamacpp
+    from converters.gguf_export import write_gguf
+    from converters.resolve import embedded_model_file
+    from modegpt_jax.calibration import calibration_windows
+    from modegpt_jax.decoding import generate
+    from modegpt_jax.pipeline import CompressionSettings, compress
+
+    ckpt, _, _, tok = gemma3
+    calib = calibration_windows(tok, "wikipedia", 8, 256, 0)
+    model, _ = compress(ckpt, calib, CompressionSettings(ratio=0.3, allocation="uniform"), progress=False)
+    specs = model.config.layers
+    assert len({s.mlp_width for s in specs}) == 1 and all(s.qk_dim == 256 for s in specs)
+    assert any(s.vo_dim < 256 for s in specs)
+    info = write_gguf(model, tmp_path / "g.gguf", tokenizer_gguf=embedded_model_file("gemma3-270m"),
+                      tensor_type="f32")
+    assert info["architecture"] == "gemma3"
+    ids = np.asarray([tok("The Eiffel Tower was completed in 1889 and remains one of the most visited monuments "
+                          "in Paris. It was designed by")["input_ids"]])
+    ours = np.asarray(model(ids))
+    theirs = llamacpp.logits(info["path"], ids, kv_f32=True)
+    # within 1e-3 of the logit scale; llama.cpp's CPU GELU (a float16 table) is most of what differs
+    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(ours).max(), np.abs(ours - theirs).max()
+    steps = 12
+    expected = np.asarray(generate(model, ids, steps))[0, ids.shape[1]:].tolist()
+    assert llamacpp.greedy(info["path"], ids[0].tolist(), steps) == expected

@@ -114,6 +114,20 @@ def test_unsupported_families_and_types_are_refused(tmp_path):
     windowed = HFCheckpoint(save_hf_model(make_hf_model("mistral_sliding_window"), tmp_path / "m")).load_model()
     with pytest.raises(UserError, match="sliding-window attention"):
         write_gguf(windowed, tmp_path / "m.gguf", tokenizer_gguf=tmp_path / "none.gguf", tensor_type="f32")
+    # Gemma 3 is written as llama.cpp's gemma3, which has one sliding-window size and a tanh GELU
+    import dataclasses
+
+    from converters.gguf_export import check_supported
+
+    gemma = HFCheckpoint(save_hf_model(make_hf_model("gemma3"), tmp_path / "g")).config
+    check_supported(gemma)
+    layers = list(gemma.layers)
+    layers[0] = dataclasses.replace(layers[0], sliding_window=7)
+    for bad, what in ((dataclasses.replace(gemma, layers=tuple(layers)), "sliding windows of several sizes"),
+                      (dataclasses.replace(gemma, activation="gelu"), "activation 'gelu'"),
+                      (dataclasses.replace(gemma, embed_scale=2.0), "embedding scale")):
+        with pytest.raises(UserError, match=what):
+            check_supported(bad)
     assert not list(tmp_path.glob("*.gguf*"))
 
 
