@@ -1,5 +1,6 @@
 """The ``tokenizer.*`` fields of a GGUF file: copied from a GGUF of the source model, or built from a Hugging Face
-``tokenizer.json`` (byte-level BPE: Llama 3, Qwen2/3, SmolLM2, GPT-2 style tokenizers).
+directory: its SentencePiece ``tokenizer.model`` (Llama 2, Mistral, Gemma: llama.cpp's ``llama`` tokenizer, with the
+pieces' scores) or its ``tokenizer.json`` (byte-level BPE: Llama 3, Qwen2/3, SmolLM2, GPT-2 style tokenizers).
 
 Built fields follow llama.cpp's conventions: tokens in id order (padded with ``[PAD{i}]`` up to the model's vocabulary
 size), special added tokens typed CONTROL and other added tokens USER_DEFINED, merges as ``"a b"``, the special token
@@ -84,21 +85,26 @@ def _json(path: Path) -> dict:
 
 
 def fields_from_hf(directory: str | Path, vocab_size: int) -> list:
-    """``tokenizer.*`` fields built from ``directory``'s tokenizer.json, tokenizer_config.json and chat template."""
+    """``tokenizer.*`` fields built from ``directory``'s tokenizer.model (SentencePiece) or tokenizer.json, with
+    tokenizer_config.json's special tokens and chat template."""
     import gguf
 
     directory = Path(directory)
+    if (directory / "tokenizer.model").is_file():
+        return _fields_from_sentencepiece(directory, vocab_size)
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise UserError(f"{directory} has no tokenizer.json: pass --tokenizer-gguf FILE (a GGUF of the source model)")
+        raise UserError(f"{directory} has no tokenizer.model or tokenizer.json: pass --tokenizer-gguf FILE (a GGUF "
+                        "of the source model)")
     tokenizer = json.loads(path.read_text(encoding="utf-8"))
     model = tokenizer.get("model", {})
     byte_level = '"ByteLevel"' in json.dumps(tokenizer.get("pre_tokenizer"))
     if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
         what = (f"a {model.get('type')} model" if model.get("type") != "BPE" else "BPE with byte fallback"
                 if model.get("byte_fallback") else "BPE without a ByteLevel pre-tokenizer")
-        raise UserError(f"{path}: only byte-level BPE tokenizers are converted here (this one is {what}): pass "
-                        "--tokenizer-gguf FILE (a GGUF of the source model)")
+        raise UserError(f"{path}: only byte-level BPE tokenizers are converted from tokenizer.json (this one is "
+                        f"{what}; a SentencePiece model is read from the source's tokenizer.model, absent here): "
+                        "pass --tokenizer-gguf FILE (a GGUF of the source model)")
     pre = pre_tokenizer_name(tokenizer)
     if pre is None:
         raise UserError(f"{path}: its pre-tokenizer is not one llama.cpp is known here to name ("
@@ -117,6 +123,19 @@ def fields_from_hf(directory: str | Path, vocab_size: int) -> list:
     for text, i in ids.items():
         tokens[i], token_types[i] = text, types.get(i, NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    V = gguf.GGUFValueType
+    fields = [("tokenizer.ggml.model", "gpt2", V.STRING, None), ("tokenizer.ggml.pre", pre, V.STRING, None),
+              ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+              ("tokenizer.ggml.token_type", token_types, V.ARRAY, V.INT32),
+              ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING)]
+    return fields + _special_fields(directory, tokenizer, ids, vocab_size)
+
+
+def _special_fields(directory: Path, tokenizer: dict, ids: dict[str, int], vocab_size: int) -> list:
+    """The special token ids, ``add_bos_token`` (and ``add_eos_token`` where set) and the chat template, from
+    tokenizer_config.json (else the model's config.json and the tokenizer.json post-processor)."""
+    import gguf
 
     config = _json(directory / "tokenizer_config.json")
     model_config = _json(directory / "config.json")
@@ -142,13 +161,58 @@ def fields_from_hf(directory: str | Path, vocab_size: int) -> list:
         template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
 
     V = gguf.GGUFValueType
-    fields = [("tokenizer.ggml.model", "gpt2", V.STRING, None), ("tokenizer.ggml.pre", pre, V.STRING, None),
-              ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
-              ("tokenizer.ggml.token_type", token_types, V.ARRAY, V.INT32),
-              ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING),
-              ("tokenizer.ggml.add_bos_token", bool(add_bos), V.BOOL, None)]
+    fields = [("tokenizer.ggml.add_bos_token", bool(add_bos), V.BOOL, None)]
+    if isinstance(config.get("add_eos_token"), bool):
+        fields.append(("tokenizer.ggml.add_eos_token", config["add_eos_token"], V.BOOL, None))
     for name, token in special.items():
         fields.append((f"tokenizer.ggml.{name}_token_id", token, V.UINT32, None))
     if isinstance(template, str) and template:
         fields.append(("tokenizer.chat_template", template, V.STRING, None))
     return fields
+
+
+#: llama.cpp's token types (``llama_token_type``): a SentencePiece piece's kind -> its GGUF type.
+UNKNOWN, BYTE = 2, 6
+
+
+def _fields_from_sentencepiece(directory: Path, vocab_size: int) -> list:
+    """llama.cpp's ``llama`` (SentencePiece) tokenizer from ``directory/tokenizer.model``: every piece with its score
+    and kind, the added tokens of tokenizer.json beyond the model's pieces, and whether a space is put before the
+    text (SentencePiece's dummy prefix, read from how the model encodes one letter)."""
+    import gguf
+
+    try:
+        import sentencepiece
+    except ImportError:
+        raise UserError("reading tokenizer.model needs the sentencepiece package: pip install sentencepiece") from None
+    path = directory / "tokenizer.model"
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"{path} is not a SentencePiece model ({exc}): pass --tokenizer-gguf FILE") from None
+    n = sp.vocab_size()
+    tokenizer = _json(directory / "tokenizer.json")
+    added = [a for a in tokenizer.get("added_tokens", []) if a["id"] >= n]
+    top = max([n - 1] + [a["id"] for a in added])
+    if top >= vocab_size:
+        raise UserError(f"{path} has token ids up to {top}, the model's vocabulary only {vocab_size} rows: not this "
+                        "model's tokenizer")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-1000.0] * vocab_size
+    token_types = [UNUSED] * vocab_size
+    for i in range(n):
+        tokens[i], scores[i] = sp.id_to_piece(i), float(sp.get_score(i))
+        token_types[i] = (UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else
+                          UNUSED if sp.is_unused(i) else BYTE if sp.is_byte(i) else NORMAL)
+    for a in added:
+        tokens[a["id"]], token_types[a["id"]] = a["content"], CONTROL if a.get("special") else USER_DEFINED
+    ids = {t: i for i, t in enumerate(tokens)}
+    space_prefix = sp.encode("a", out_type=str)[:1] == ["\u2581a"] or sp.encode("a", out_type=str)[:1] == ["\u2581"]
+
+    V = gguf.GGUFValueType
+    fields = [("tokenizer.ggml.model", "llama", V.STRING, None), ("tokenizer.ggml.pre", "default", V.STRING, None),
+              ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+              ("tokenizer.ggml.scores", scores, V.ARRAY, V.FLOAT32),
+              ("tokenizer.ggml.token_type", token_types, V.ARRAY, V.INT32),
+              ("tokenizer.ggml.add_space_prefix", bool(space_prefix), V.BOOL, None)]
+    return fields + _special_fields(directory, tokenizer, ids, vocab_size)

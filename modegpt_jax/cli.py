@@ -198,7 +198,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     checkpoint = HFCheckpoint(args.model)
     check_supported(checkpoint.config)  # before the weights are read
     tokenizer = args.tokenizer_gguf
-    if tokenizer is None:  # the source model's GGUF when there is one, else the directory's tokenizer.json
+    if tokenizer is None:  # the source model's GGUF when there is one, else the directory's tokenizer files
         tokenizer = (embedded_model_file(args.model) if args.model in EMBEDDED_MODELS
                      else source_gguf(checkpoint.directory))
     if tokenizer is None:  # refused before the weights are read
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     gg.add_argument("--tokenizer-gguf", default=None,
                     help="a GGUF file of the source model to take the tokenizer from (default: the embedded "
                          "model's, found through the directory's report.json; else built from the directory's "
-                         "tokenizer.json, byte-level BPE tokenizers only)")
+                         "SentencePiece tokenizer.model, or its tokenizer.json for byte-level BPE tokenizers)")
     gg.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     gg.set_defaults(func=cmd_export_gguf)
 

@@ -214,3 +214,43 @@ def test_tokenizer_built_from_tokenizer_json_tokenizes_like_transformers(smollm2
     llm = llama_cpp.Llama(model_path=info["path"], vocab_only=True, verbose=False)
     expected = smollm2.load_tokenizer()(text, add_special_tokens=False)["input_ids"]
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected
+
+
+def test_sentencepiece_tokenizer_model_tokenizes_like_transformers(tmp_path):
+    """A source with a SentencePiece tokenizer.model (Llama 2, Mistral, Gemma on the Hub): llama.cpp's ``llama``
+    tokenizer with the pieces' scores, byte pieces and the dummy space prefix splits held-out text, multi-byte
+    characters, newlines and runs of spaces into the ids transformers gives (BOS first, as tokenizer_config says)."""
+    import json
+
+    import llama_cpp
+    import torch
+    import transformers
+
+    spm = pytest.importorskip("sentencepiece")
+    from modegpt_jax.wikipedia import embedded_text
+
+    directory = tmp_path / "model"
+    lines = [line for line in embedded_text("calibration").split("\n") if line.strip()][:3000]
+    directory.mkdir()
+    spm.SentencePieceTrainer.train(  # a Llama-2-style model: BPE with byte fallback, <unk> <s> </s> first
+        sentence_iterator=iter(lines), model_prefix=str(directory / "tokenizer"), vocab_size=1200, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2)
+    (directory / "tokenizer.vocab").unlink()
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>", "legacy": False}))
+    config = transformers.LlamaConfig(vocab_size=1216, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    model = HFCheckpoint(directory).load_model()
+    info = write_gguf(model, tmp_path / "m.gguf", tokenizer_dir=directory, tensor_type="f32")
+
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    llm = llama_cpp.Llama(model_path=info["path"], vocab_only=True, verbose=False)
+    assert (llm.token_bos(), llm.token_eos(), llm.n_vocab()) == (1, 2, 1216)  # padded to the embedding's rows
+    texts = [line for line in embedded_text("heldout").split("\n") if line.strip()][:100]
+    texts += ["Café déjà-vu: 日本語 €5", "two  spaces\nand\n\nnewlines\tand tabs", "1879 and 13.5"]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
