@@ -17,9 +17,10 @@ query and key rows of each head reordered from the Hugging Face ``rotate_half`` 
 (:func:`interleave_pairs`). The tokenizer is copied from a GGUF of the source model (the embedded models' own
 files, or ``tokenizer_gguf``) or built from the model directory's tokenizer.json (:mod:`converters.gguf_tokenizer`).
 
-Families: Llama, Mistral without a sliding window, Qwen2 (as ``llama`` / ``deci``); Qwen3 and Gemma 3 as
-llama.cpp's own ``qwen3`` and ``gemma3`` architectures, which read one MLP width and one q/k norm weight for all
-heads (so: uniform allocation, key-query whole). Gemma 3 adds ``post_attention_norm`` / ``post_ffw_norm`` (its
+Families: Llama, Mistral without a sliding window, Qwen2 (as ``llama`` / ``deci``); Qwen3, Gemma 3 and Phi-3 as
+llama.cpp's own ``qwen3``, ``gemma3`` and ``phi3`` architectures, which read one MLP width for all layers (so:
+uniform allocation) and, with q/k norms, one norm weight for all heads (so: key-query whole). Phi-3's gate and up
+projections go in as one ``ffn_up`` (gate rows first); llama.cpp runs Phi-3 without its sliding window. Gemma 3 adds ``post_attention_norm`` / ``post_ffw_norm`` (its
 sandwich norms), norm weights written as ``1 + w`` (llama.cpp multiplies by the weight itself), the layers' sliding
 windows as a per-layer ``sliding_window_pattern`` with the local RoPE base ``rope.freq_base_swa``, and a softmax
 scale other than llama.cpp's folded into the query norm's weight. Tested in llama.cpp itself (llama-cpp-python,
@@ -42,7 +43,7 @@ from modegpt_jax.errors import UserError
 FAMILIES = ("llama", "mistral", "qwen2")
 #: Families with an architecture of their own in llama.cpp that reads one MLP width for all layers and one q/k norm
 #: weight for all heads: written only when every layer has the same MLP width and key-query is whole.
-OWN_ARCHITECTURE = {"qwen3": "qwen3", "gemma3_text": "gemma3"}
+OWN_ARCHITECTURE = {"qwen3": "qwen3", "gemma3_text": "gemma3", "phi3": "phi3"}
 #: The MLP activation each architecture computes (llama.cpp's GELU is the tanh approximation).
 ACTIVATION = {"gemma3": "gelu_pytorch_tanh"}
 #: Tensor types written directly with the ``gguf`` package's quantisers (matrices only; norms and biases stay
@@ -106,7 +107,7 @@ def _layer_tensors(config: ModelConfig, i: int, spec: LayerSpec, get) -> Iterato
         return ((get(name) + offset) * scale).astype(np.float32)
 
     if architecture(config) in ("llama", "deci"):
-        interleave = interleave_pairs
+        interleave = interleave_pairs  # the others rotate Hugging Face's halves (NEOX) themselves
     else:
         def interleave(rows, heads):
             return rows
@@ -143,8 +144,12 @@ def _layer_tensors(config: ModelConfig, i: int, spec: LayerSpec, get) -> Iterato
         yield f"blk.{i}.ffn_norm.weight", norm(prefix + "pre_feedforward_layernorm.weight")
     else:
         yield f"blk.{i}.ffn_norm.weight", norm(prefix + "post_attention_layernorm.weight")
-    yield f"blk.{i}.ffn_gate.weight", get(prefix + "mlp.gate_proj.weight")
-    yield f"blk.{i}.ffn_up.weight", get(prefix + "mlp.up_proj.weight")
+    if architecture(config) == "phi3":  # one matrix: silu(first half) * second half
+        yield f"blk.{i}.ffn_up.weight", np.concatenate([get(prefix + "mlp.gate_proj.weight"),
+                                                        get(prefix + "mlp.up_proj.weight")])
+    else:
+        yield f"blk.{i}.ffn_gate.weight", get(prefix + "mlp.gate_proj.weight")
+        yield f"blk.{i}.ffn_up.weight", get(prefix + "mlp.up_proj.weight")
     yield f"blk.{i}.ffn_down.weight", get(prefix + "mlp.down_proj.weight")
     if config.sandwich_norms:
         yield f"blk.{i}.post_ffw_norm.weight", norm(prefix + "post_feedforward_layernorm.weight")
@@ -165,15 +170,15 @@ def check_supported(config: ModelConfig) -> None:
         raise UserError(f"GGUF export of {config.model_type!r} models is not supported yet (supported: "
                         f"{', '.join(FAMILIES + tuple(OWN_ARCHITECTURE))})")
     own = config.model_type in OWN_ARCHITECTURE
-    if own and (len({s.mlp_width for s in config.layers}) > 1 or any(s.qk_dim < config.head_dim
-                                                                        for s in config.layers)):
-        flags = ("--allocation uniform (key-query stays whole with the default --qk-norm-mode whole)"
-                 if OWN_ARCHITECTURE[config.model_type] == "gemma3" else "--allocation uniform --attention-scale 0")
-        raise UserError(f"llama.cpp's {OWN_ARCHITECTURE[config.model_type]} architecture takes one MLP width for all "
-                        f"layers and whole key-query heads (one q/k norm weight): compress with {flags} for a GGUF "
-                        "file")
-    scaling = (config.rope_scaling or {}).get("rope_type")
     arch = OWN_ARCHITECTURE.get(config.model_type)
+    if own and (len({s.mlp_width for s in config.layers}) > 1 or (config.qk_norm and any(
+            s.qk_dim < config.head_dim for s in config.layers))):
+        flags = {"gemma3": "--allocation uniform (key-query stays whole with the default --qk-norm-mode whole)",
+                 "phi3": "--allocation uniform"}.get(arch, "--allocation uniform --attention-scale 0")
+        limits = "one MLP width for all layers" + (" and whole key-query heads (one q/k norm weight)"
+                                                   if config.qk_norm else "")
+        raise UserError(f"llama.cpp's {arch} architecture takes {limits}: compress with {flags} for a GGUF file")
+    scaling = (config.rope_scaling or {}).get("rope_type")
     gemma = arch == "gemma3"
     windows = {spec.sliding_window for spec in config.layers} - {None}
     activation = ACTIVATION.get(arch, "silu")
@@ -184,7 +189,7 @@ def check_supported(config: ModelConfig) -> None:
         "MLP biases": config.mlp_bias,
         f"activation {config.activation!r}": config.activation != activation,
         f"RoPE scaling {scaling!r}": scaling not in (None, "llama3", "linear"),
-        "sliding-window attention": bool(windows) and not gemma,
+        "sliding-window attention": bool(windows) and arch not in ("gemma3", "phi3"),
         "sliding windows of several sizes": len(windows) > 1,
         "a non-default attention scale": config.attn_scale is not None and not gemma,
         "q/k norms, sandwich norms or scaled embeddings": not gemma and (
@@ -322,7 +327,7 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
     windows = [spec.sliding_window for spec in config.layers]
-    if any(w is not None for w in windows):  # gemma3 (check_supported): one window size, a pattern per layer
+    if arch == "gemma3" and any(w is not None for w in windows):  # one window size, a pattern per layer
         writer.add_sliding_window(int(next(w for w in windows if w is not None)))
         writer.add_key_value(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch),
                              [w is not None for w in windows], gguf.GGUFValueType.ARRAY,
@@ -352,6 +357,10 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
     block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type.upper()]]
     per_value = block_bytes / block
     source = tokenizer_gguf if tokenizer_gguf is not None else Path(tokenizer_dir) / "tokenizer.json"
-    return {"path": str(out), "architecture": arch, "tokenizer": str(source), "type": tensor_type,
+    notes = []
+    if arch == "phi3" and any(w is not None for w in windows):
+        notes.append(f"llama.cpp runs Phi-3 without its sliding window ({windows[0]} tokens), as every Phi-3 GGUF: "
+                     "the same logits as the model up to that many tokens of context")
+    return {"path": str(out), "architecture": arch, "tokenizer": str(source), "type": tensor_type, "notes": notes,
             "bytes": out.stat().st_size, "kept_f16": kept_f16, "tensor_types": written, "feed_forward_length": widths,
             "padding": padding_cost(config, per_value)}

@@ -212,6 +212,8 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     print(f"written {info['path']} ({info['type']}, {info['bytes'] / 2**20:.1f} MiB, llama.cpp architecture "
           f"{info['architecture']}, tokenizer from {info['tokenizer']}); feed_forward_length per layer: "
           f"{info['feed_forward_length']}")
+    for note in info["notes"]:
+        print(note)
     if info["architecture"] == "deci":
         print("the MLP widths differ between layers: written as llama.cpp's `deci` architecture (Llama blocks, one "
               "MLP width per layer; its `llama` architecture takes one width); compress with --allocation uniform "

@@ -128,6 +128,16 @@ def test_unsupported_families_and_types_are_refused(tmp_path):
                       (dataclasses.replace(gemma, embed_scale=2.0), "embedding scale")):
         with pytest.raises(UserError, match=what):
             check_supported(bad)
+    # Phi-3: its own architecture, without LongRoPE (rope factor tensors not written yet), one MLP width
+    phi3 = HFCheckpoint(save_hf_model(make_hf_model("phi3"), tmp_path / "p")).config
+    check_supported(phi3)
+    with pytest.raises(UserError, match="RoPE scaling 'longrope'"):
+        check_supported(HFCheckpoint(save_hf_model(make_hf_model("phi3_longrope"), tmp_path / "pl")).config)
+    layers = list(phi3.layers)
+    layers[0] = dataclasses.replace(layers[0], mlp_width=64)
+    with pytest.raises(UserError, match="phi3 architecture takes one MLP width for all layers: compress with "
+                                        "--allocation uniform"):
+        check_supported(dataclasses.replace(phi3, layers=tuple(layers)))
     assert not list(tmp_path.glob("*.gguf*"))
 
 

@@ -48,6 +48,8 @@ def tiny_hf(out, kind: str, vocab: int, qk_std: float | None = 0.1):
         config = transformers.Qwen2Config(**common, rope_theta=1e6)
     elif kind == "qwen3":
         config = transformers.Qwen3Config(**common, head_dim=16)
+    elif kind == "phi3":  # its window is longer than the test's windows: llama.cpp runs Phi-3 without one
+        config = transformers.Phi3Config(**common, sliding_window=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     elif kind == "gemma3":  # a softmax scale of its own, sliding windows (5) with their RoPE base, linear scaling
         config = transformers.Gemma3TextConfig(
             **common, head_dim=16, query_pre_attn_scalar=12, sliding_window=5,
@@ -64,6 +66,10 @@ def tiny_hf(out, kind: str, vocab: int, qk_std: float | None = 0.1):
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for layer in model.model.layers:
+            if kind == "phi3" and qk_std is not None:  # one qkv_proj: its query and key rows
+                q_and_k = (config.num_attention_heads + config.num_key_value_heads) * 16
+                layer.self_attn.qkv_proj.weight[:q_and_k].normal_(0, qk_std)
+                continue
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 if qk_std is not None:
                     proj.weight.normal_(0, qk_std)
@@ -81,26 +87,27 @@ def tiny_hf(out, kind: str, vocab: int, qk_std: float | None = 0.1):
 @pytest.mark.parametrize("kind, allocation, arch", [("llama", "bi", "deci"), ("llama", "uniform", "llama"),
                                                     ("qwen2", "bi", "deci"), ("llama3", "uniform", "llama"),
                                                     ("qwen3", "uniform", "qwen3"),
-                                                    ("gemma3", "uniform", "gemma3")])
+                                                    ("gemma3", "uniform", "gemma3"), ("phi3", "uniform", "phi3")])
 def test_tiny_compressed_models_give_our_logits_in_llamacpp(smollm2, tmp_path, monkeypatch, kind, allocation, arch):
     ckpt = tiny_hf(tmp_path / kind, kind, smollm2.config.vocab_size)
     rng = np.random.default_rng(0)
     calib = rng.integers(0, ckpt.config.vocab_size, (16, 32)).astype(np.int32)
-    own = arch not in ("llama", "deci")  # one MLP width, key-query whole (q/k norms)
+    own = arch not in ("llama", "deci")  # one MLP width (and with q/k norms, key-query whole)
     settings = CompressionSettings(ratio=0.3, allocation=allocation, attention_scale=0.0 if arch == "qwen3" else 1.0,
                                    allocation_eps=0.01)  # a spread of MLP widths even on random weights
     model, _ = compress(ckpt, calib, settings, progress=False)
     specs = model.config.layers
-    if not own:  # padded in the file
-        assert any(s.qk_dim < 16 for s in specs) and any(s.vo_dim < 16 for s in specs)
-    else:
+    if kind in ("qwen3", "gemma3"):  # q/k norms: key-query whole
         assert all(s.mlp_width < 128 and s.qk_dim == 16 for s in specs)
+    else:  # padded in the file
+        assert any(s.qk_dim < 16 for s in specs) and any(s.vo_dim < 16 for s in specs)
     if kind == "gemma3":  # value-output compressed and padded back
         assert any(s.vo_dim < 16 for s in specs)
     assert (len({s.mlp_width for s in specs}) > 1) == (arch == "deci")
     info = write_gguf(model, tmp_path / "m.gguf", tokenizer_gguf=embedded_model_file("smollm2-135m"),
                       tensor_type="f32")
     assert info["architecture"] == arch and ("rope_freqs.weight" in info["tensor_types"]) == (kind == "llama3")
+    assert bool(info["notes"]) == (kind == "phi3")  # the window llama.cpp leaves out is said
     tokens = rng.integers(0, ckpt.config.vocab_size, (2, 100 if kind == "llama3" else 24))
     ours = np.asarray(model(tokens))
     theirs = llamacpp.logits(info["path"], tokens, kv_f32=True)  # a float16 KV cache alone costs ~2e-4
