@@ -15,7 +15,8 @@ ffn_norm/ffn_gate/ffn_up/ffn_down`` (plus ``attn_q/k/v.bias`` and ``attn_output.
 ``output_norm``, ``output`` (left out when the embeddings are tied), PyTorch orientation (``[out, in]``), with the
 query and key rows of each head reordered from the Hugging Face ``rotate_half`` layout to llama.cpp's adjacent pairs
 (:func:`interleave_pairs`). The tokenizer is copied from a GGUF of the source model (the embedded models' own
-files, or ``tokenizer_gguf``) or built from the model directory's tokenizer.json (:mod:`converters.gguf_tokenizer`).
+files, or ``tokenizer_gguf``) or built from the model directory's SentencePiece tokenizer.model or its
+tokenizer.json (:mod:`converters.gguf_tokenizer`).
 
 Families: Llama, Mistral without a sliding window, Qwen2 (as ``llama`` / ``deci``); Qwen3, Gemma 3 and Phi-3 as
 llama.cpp's own ``qwen3``, ``gemma3`` and ``phi3`` architectures, which read one MLP width for all layers (so:
@@ -289,11 +290,11 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
                tokenizer_dir: str | Path | None = None, tensor_type: str = "f16",
                name: str | None = None) -> dict[str, Any]:
     """Write ``model`` as a GGUF file with the tokenizer of ``tokenizer_gguf`` (a GGUF of the source model) or,
-    without one, of ``tokenizer_dir``'s tokenizer.json; returns what was written (architecture, types, sizes, the
-    padding's cost)."""
+    without one, of ``tokenizer_dir``'s tokenizer.model or tokenizer.json; returns what was written (architecture,
+    types, sizes, the padding's cost)."""
     import gguf
 
-    from converters.gguf_tokenizer import fields_from_gguf, fields_from_hf
+    from converters.gguf_tokenizer import fields_from_gguf, fields_from_hf, hf_tokenizer_file
 
     check_type(tensor_type)
     config: ModelConfig = model.config
@@ -303,7 +304,8 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
     elif tokenizer_dir is not None:
         tokenizer_fields = fields_from_hf(tokenizer_dir, config.vocab_size)
     else:
-        raise UserError("a GGUF file needs the tokenizer: give a GGUF of the source model or a tokenizer.json")
+        raise UserError("a GGUF file needs the tokenizer: give a GGUF of the source model or a directory with a "
+                        "tokenizer.model or tokenizer.json")
     tensors = list(gguf_tensors(model))  # checks the family first
     arch = architecture(config)
     out = Path(output)
@@ -356,7 +358,7 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
         partial.unlink(missing_ok=True)
     block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type.upper()]]
     per_value = block_bytes / block
-    source = tokenizer_gguf if tokenizer_gguf is not None else Path(tokenizer_dir) / "tokenizer.json"
+    source = tokenizer_gguf if tokenizer_gguf is not None else hf_tokenizer_file(tokenizer_dir)
     notes = []
     if arch == "phi3" and any(w is not None for w in windows):
         notes.append(f"llama.cpp runs Phi-3 without its sliding window ({windows[0]} tokens), as every Phi-3 GGUF: "

@@ -90,7 +90,7 @@ def fields_from_hf(directory: str | Path, vocab_size: int) -> list:
     import gguf
 
     directory = Path(directory)
-    if (directory / "tokenizer.model").is_file():
+    if hf_tokenizer_file(directory).name == "tokenizer.model":
         return _fields_from_sentencepiece(directory, vocab_size)
     path = directory / "tokenizer.json"
     if not path.is_file():
@@ -132,9 +132,11 @@ def fields_from_hf(directory: str | Path, vocab_size: int) -> list:
     return fields + _special_fields(directory, tokenizer, ids, vocab_size)
 
 
-def _special_fields(directory: Path, tokenizer: dict, ids: dict[str, int], vocab_size: int) -> list:
+def _special_fields(directory: Path, tokenizer: dict, ids: dict[str, int], vocab_size: int,
+                    add_bos_default: bool | None = None) -> list:
     """The special token ids, ``add_bos_token`` (and ``add_eos_token`` where set) and the chat template, from
-    tokenizer_config.json (else the model's config.json and the tokenizer.json post-processor)."""
+    tokenizer_config.json (else the model's config.json and the tokenizer.json post-processor; else
+    ``add_bos_default``: SentencePiece tokenizers put BOS first unless told otherwise)."""
     import gguf
 
     config = _json(directory / "tokenizer_config.json")
@@ -149,6 +151,8 @@ def _special_fields(directory: Path, tokenizer: dict, ids: dict[str, int], vocab
         if isinstance(token, int) and 0 <= token < vocab_size:
             special[name] = token
     add_bos = config.get("add_bos_token")
+    if not isinstance(add_bos, bool) and add_bos_default is not None and not tokenizer.get("post_processor"):
+        add_bos = add_bos_default and "bos" in special
     if not isinstance(add_bos, bool):  # the post-processor's template starts with the BOS token, or not
         post = tokenizer.get("post_processor") or {}
         templates = [p for p in post.get("processors", [post]) if p.get("type") == "TemplateProcessing"]
@@ -175,25 +179,53 @@ def _special_fields(directory: Path, tokenizer: dict, ids: dict[str, int], vocab
 UNKNOWN, BYTE = 2, 6
 
 
-def _fields_from_sentencepiece(directory: Path, vocab_size: int) -> list:
-    """llama.cpp's ``llama`` (SentencePiece) tokenizer from ``directory/tokenizer.model``: every piece with its score
-    and kind, the added tokens of tokenizer.json beyond the model's pieces, and whether a space is put before the
-    text (SentencePiece's dummy prefix, read from how the model encodes one letter)."""
-    import gguf
-
+def _sentencepiece(path: Path) -> Any:
+    """``path`` as a SentencePiece processor, or None when it is not a SentencePiece model."""
     try:
         import sentencepiece
     except ImportError:
-        raise UserError("reading tokenizer.model needs the sentencepiece package: pip install sentencepiece") from None
-    path = directory / "tokenizer.model"
+        raise UserError(f"reading {path} needs the sentencepiece package: pip install sentencepiece") from None
     try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as exc:
-        raise UserError(f"{path} is not a SentencePiece model ({exc}): pass --tokenizer-gguf FILE") from None
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError):
+        return None
+
+
+def hf_tokenizer_file(directory: str | Path) -> Path:
+    """The file :func:`fields_from_hf` builds the tokenizer from: a SentencePiece ``tokenizer.model`` where there is
+    one, else ``tokenizer.json``."""
+    directory = Path(directory)
+    model = directory / "tokenizer.model"
+    if model.is_file() and (not (directory / "tokenizer.json").is_file() or _sentencepiece(model) is not None):
+        return model
+    return directory / "tokenizer.json"
+
+
+def _added_tokens(directory: Path, tokenizer: dict) -> dict[int, tuple[str, bool]]:
+    """id -> (text, special) of the added tokens in tokenizer.json and tokenizer_config.json."""
+    added = {int(i): (a["content"], bool(a.get("special")))
+             for i, a in _json(directory / "tokenizer_config.json").get("added_tokens_decoder", {}).items()}
+    added.update({a["id"]: (a["content"], bool(a.get("special"))) for a in tokenizer.get("added_tokens", [])})
+    return added
+
+
+def _fields_from_sentencepiece(directory: Path, vocab_size: int) -> list:
+    """llama.cpp's ``llama`` (SentencePiece) tokenizer from ``directory/tokenizer.model``: every piece with its score
+    and kind; the added tokens of tokenizer.json / tokenizer_config.json typed CONTROL (special) or USER_DEFINED
+    with score -1000, as llama.cpp's converter types them (pieces SentencePiece itself marks unknown, control or
+    byte keep their kind), so llama.cpp splits them out of text whole; and whether a space is put before the text
+    (SentencePiece's dummy prefix, read from how the model encodes one letter)."""
+    import gguf
+
+    path = directory / "tokenizer.model"
+    sp = _sentencepiece(path)
+    if sp is None:
+        raise UserError(f"{path} is not a SentencePiece model: pass --tokenizer-gguf FILE (a GGUF of the source "
+                        "model)")
     n = sp.vocab_size()
     tokenizer = _json(directory / "tokenizer.json")
-    added = [a for a in tokenizer.get("added_tokens", []) if a["id"] >= n]
-    top = max([n - 1] + [a["id"] for a in added])
+    added = _added_tokens(directory, tokenizer)
+    top = max([n - 1, *added])
     if top >= vocab_size:
         raise UserError(f"{path} has token ids up to {top}, the model's vocabulary only {vocab_size} rows: not this "
                         "model's tokenizer")
@@ -204,8 +236,10 @@ def _fields_from_sentencepiece(directory: Path, vocab_size: int) -> list:
         tokens[i], scores[i] = sp.id_to_piece(i), float(sp.get_score(i))
         token_types[i] = (UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else
                           UNUSED if sp.is_unused(i) else BYTE if sp.is_byte(i) else NORMAL)
-    for a in added:
-        tokens[a["id"]], token_types[a["id"]] = a["content"], CONTROL if a.get("special") else USER_DEFINED
+    for i, (text, special) in added.items():
+        if i < n and token_types[i] != NORMAL:
+            continue
+        tokens[i], scores[i], token_types[i] = text, -1000.0, CONTROL if special else USER_DEFINED
     ids = {t: i for i, t in enumerate(tokens)}
     space_prefix = sp.encode("a", out_type=str)[:1] == ["\u2581a"] or sp.encode("a", out_type=str)[:1] == ["\u2581"]
 
@@ -215,4 +249,4 @@ def _fields_from_sentencepiece(directory: Path, vocab_size: int) -> list:
               ("tokenizer.ggml.scores", scores, V.ARRAY, V.FLOAT32),
               ("tokenizer.ggml.token_type", token_types, V.ARRAY, V.INT32),
               ("tokenizer.ggml.add_space_prefix", bool(space_prefix), V.BOOL, None)]
-    return fields + _special_fields(directory, tokenizer, ids, vocab_size)
+    return fields + _special_fields(directory, tokenizer, ids, vocab_size, add_bos_default=True)

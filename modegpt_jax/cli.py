@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--width-multiple", type=int, default=1, help="round kept widths to a multiple of this")
     co.add_argument("--width-buckets", type=int, default=None,
                     help="MLP widths are zero-padded to one of this many sizes in the refit and the calibration "
-                         "passes, so layers share compilations; the result does not change (default: 16 on CPU, "
+                         "passes, so layers share compilations; the result agrees to rounding (default: 16 on CPU, "
                          "4 on GPU/TPU, where compiling costs more than the padding)")
     co.add_argument("--bi-samples", type=int, default=None,
                     help=f"calibration windows used for block influence (default: {defaults.bi_samples})")

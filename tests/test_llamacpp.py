@@ -92,7 +92,6 @@ def test_tiny_compressed_models_give_our_logits_in_llamacpp(smollm2, tmp_path, m
     ckpt = tiny_hf(tmp_path / kind, kind, smollm2.config.vocab_size)
     rng = np.random.default_rng(0)
     calib = rng.integers(0, ckpt.config.vocab_size, (16, 32)).astype(np.int32)
-    own = arch not in ("llama", "deci")  # one MLP width (and with q/k norms, key-query whole)
     settings = CompressionSettings(ratio=0.3, allocation=allocation, attention_scale=0.0 if arch == "qwen3" else 1.0,
                                    allocation_eps=0.01)  # a spread of MLP widths even on random weights
     model, _ = compress(ckpt, calib, settings, progress=False)
@@ -226,7 +225,9 @@ def test_tokenizer_built_from_tokenizer_json_tokenizes_like_transformers(smollm2
 def test_sentencepiece_tokenizer_model_tokenizes_like_transformers(tmp_path):
     """A source with a SentencePiece tokenizer.model (Llama 2, Mistral, Gemma on the Hub): llama.cpp's ``llama``
     tokenizer with the pieces' scores, byte pieces and the dummy space prefix splits held-out text, multi-byte
-    characters, newlines and runs of spaces into the ids transformers gives (BOS first, as tokenizer_config says)."""
+    characters, newlines and runs of spaces into the ids transformers gives (BOS first, as tokenizer_config says),
+    and chat markers that are pieces of the model (Gemma's kind) stay whole. llama.cpp puts SentencePiece's space
+    before the text after a special token, as transformers' ``legacy`` Llama tokenizer (Llama 2's) does."""
     import json
 
     import llama_cpp
@@ -239,20 +240,25 @@ def test_sentencepiece_tokenizer_model_tokenizes_like_transformers(tmp_path):
     directory = tmp_path / "model"
     lines = [line for line in embedded_text("calibration").split("\n") if line.strip()][:3000]
     directory.mkdir()
+    turns = ["<start_of_turn>", "<end_of_turn>"]  # chat markers inside the model's pieces, as in Gemma's
     spm.SentencePieceTrainer.train(  # a Llama-2-style model: BPE with byte fallback, <unk> <s> </s> first
         sentence_iterator=iter(lines), model_prefix=str(directory / "tokenizer"), vocab_size=1200, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, user_defined_symbols=turns,
         remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2)
     (directory / "tokenizer.vocab").unlink()
+    turn_ids = [spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).piece_to_id(t)
+                for t in turns]
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-        "eos_token": "</s>", "unk_token": "<unk>", "legacy": False}))
+        "eos_token": "</s>", "unk_token": "<unk>", "legacy": True,  # as Llama 2 ships it
+        "added_tokens_decoder": {str(i): {"content": t, "special": True} for i, t in zip(turn_ids, turns)}}))
     config = transformers.LlamaConfig(vocab_size=1216, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     model = HFCheckpoint(directory).load_model()
     info = write_gguf(model, tmp_path / "m.gguf", tokenizer_dir=directory, tensor_type="f32")
+    assert info["tokenizer"].endswith("tokenizer.model")
 
     tok = transformers.AutoTokenizer.from_pretrained(directory)
     llm = llama_cpp.Llama(model_path=info["path"], vocab_only=True, verbose=False)
@@ -261,3 +267,7 @@ def test_sentencepiece_tokenizer_model_tokenizes_like_transformers(tmp_path):
     texts += ["Café déjà-vu: 日本語 €5", "two  spaces\nand\n\nnewlines\tand tabs", "1879 and 13.5"]
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
+    chat = "<start_of_turn>user\nWhere is Paris?<end_of_turn>\n<start_of_turn>model\n"
+    expected = tok(chat)["input_ids"]
+    assert set(turn_ids) <= set(expected)  # each marker one token
+    assert llm.tokenize(chat.encode(), add_bos=True, special=True) == expected
