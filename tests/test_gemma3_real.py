@@ -51,6 +51,7 @@ def test_logits_and_perplexity_match_transformers(gemma3):
     assert abs(np.exp(nll[0]) / np.exp(nll[1]) - 1) < 1e-3, nll
 
 
+@pytest.mark.slow  # about 2 minutes: keeps `make test` within its time budget; CI runs it in `make test-slow`
 def test_compressed_export_loads_in_transformers_and_generates(gemma3, tmp_path):
     """The real model compressed with key-query under its q/k norms (per-head norms, the remote-code export)."""
     from converters.hf_export import save_model
