@@ -21,8 +21,9 @@ tokenizer.json (:mod:`converters.gguf_tokenizer`).
 Families: Llama, Mistral without a sliding window, Qwen2 (as ``llama`` / ``deci``); Qwen3, Gemma 3 and Phi-3 as
 llama.cpp's own ``qwen3``, ``gemma3`` and ``phi3`` architectures, which read one MLP width for all layers (so:
 uniform allocation) and, with q/k norms, one norm weight for all heads (so: key-query whole). Phi-3's gate and up
-projections go in as one ``ffn_up`` (gate rows first); llama.cpp runs Phi-3 without its sliding window. Gemma 3 adds ``post_attention_norm`` / ``post_ffw_norm`` (its
-sandwich norms), norm weights written as ``1 + w`` (llama.cpp multiplies by the weight itself), the layers' sliding
+projections go in as one ``ffn_up`` (gate rows first); llama.cpp runs Phi-3 without its sliding window. Gemma 3
+adds ``post_attention_norm`` / ``post_ffw_norm`` (its sandwich norms), norm weights written as ``1 + w`` (llama.cpp
+multiplies by the weight itself), the layers' sliding
 windows as a per-layer ``sliding_window_pattern`` with the local RoPE base ``rope.freq_base_swa``, and a softmax
 scale other than llama.cpp's folded into the query norm's weight. Tested in llama.cpp itself (llama-cpp-python,
 tests/test_llamacpp.py): logits and greedy generation equal the JAX model's.
@@ -170,8 +171,8 @@ def check_supported(config: ModelConfig) -> None:
     if config.model_type not in FAMILIES + tuple(OWN_ARCHITECTURE):
         raise UserError(f"GGUF export of {config.model_type!r} models is not supported yet (supported: "
                         f"{', '.join(FAMILIES + tuple(OWN_ARCHITECTURE))})")
-    own = config.model_type in OWN_ARCHITECTURE
     arch = OWN_ARCHITECTURE.get(config.model_type)
+    own = arch is not None
     if own and (len({s.mlp_width for s in config.layers}) > 1 or (config.qk_norm and any(
             s.qk_dim < config.head_dim for s in config.layers))):
         flags = {"gemma3": "--allocation uniform (key-query stays whole with the default --qk-norm-mode whole)",
@@ -300,9 +301,10 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
     config: ModelConfig = model.config
     check_supported(config)
     if tokenizer_gguf is not None:
-        tokenizer_fields = fields_from_gguf(tokenizer_gguf)
+        tokenizer_fields, source = fields_from_gguf(tokenizer_gguf), tokenizer_gguf
     elif tokenizer_dir is not None:
         tokenizer_fields = fields_from_hf(tokenizer_dir, config.vocab_size)
+        source = hf_tokenizer_file(tokenizer_dir)
     else:
         raise UserError("a GGUF file needs the tokenizer: give a GGUF of the source model or a directory with a "
                         "tokenizer.model or tokenizer.json")
@@ -358,7 +360,6 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
         partial.unlink(missing_ok=True)
     block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type.upper()]]
     per_value = block_bytes / block
-    source = tokenizer_gguf if tokenizer_gguf is not None else hf_tokenizer_file(tokenizer_dir)
     notes = []
     if arch == "phi3" and any(w is not None for w in windows):
         notes.append(f"llama.cpp runs Phi-3 without its sliding window ({windows[0]} tokens), as every Phi-3 GGUF: "

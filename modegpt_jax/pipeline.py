@@ -839,9 +839,10 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
             else:
                 staging.write_block(staging_dir, i, arrays)
             del new, arrays
+            seconds = round(time.perf_counter() - lt, 3)
             phases = {"load": load_seconds, **phases}
             # the checksum, the check across processes and the staging write (in memory: keeping the block)
-            phases["write"] = round(time.perf_counter() - lt - sum(phases.values()), 3)
+            phases["write"] = round(seconds - sum(phases.values()), 3)
             entry = {
                 "layer": i,
                 "block_influence": None if bi is None else float(bi[i]),
@@ -854,7 +855,7 @@ def _run(source: LayerSource | Transformer, tokens: np.ndarray, settings: Compre
                 "errors": errors,
                 "checksum": digest,
                 "bytes_per_device": device_bytes,
-                "seconds": round(time.perf_counter() - lt, 3),
+                "seconds": seconds,
                 # compilations happen inside the phases: their seconds are part of the phases' too
                 "compile_seconds": round(_CompileClock.now() - compile_before, 3),
                 "phase_seconds": phases,
