@@ -2,6 +2,7 @@
 
     python benchmarks/heal.py [--model smollm2-135m] [--ratio 0.3] [--budgets 5,10,20] [--methods full,lora]
                               [--seqlen 512] [--batch-size 4] [--lr 1e-5] [--lora-lr 1e-4] [--piqa-limit 300]
+                              [--loss kd|lm|kd+lm] [--train-embeddings] [--dtype float32|bfloat16]
                               [--json benchmarks/results/heal.json]
 
 The compressed model is made first with ``modegpt compress --model M --ratio R --output DIR`` (skipped when
@@ -55,7 +56,8 @@ def step_seconds(compressed: str, teacher: str, args, method: str) -> float:
     from modegpt_jax.heal import HealSettings, add_lora, make_optimizer, train_step
 
     student, dense = HFCheckpoint(compressed), HFCheckpoint(teacher)
-    settings = HealSettings(steps=4, batch_size=args.batch_size, warmup=1, method=method)
+    settings = HealSettings(steps=4, batch_size=args.batch_size, warmup=1, method=method, loss=args.loss,
+                            dtype=args.dtype, train_embeddings=args.train_embeddings)
     tokens = calibration_windows(student.load_tokenizer(), "wikipedia", 4 * args.batch_size, args.seqlen, 0)
     model, teacher_model = student.load_model(), dense.load_model()
     if method == "lora":
@@ -80,6 +82,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of full fine-tuning")
     parser.add_argument("--lora-lr", type=float, default=1e-4, help="peak learning rate of LoRA")
+    parser.add_argument("--loss", default="kd", choices=["kd", "lm", "kd+lm"])
+    parser.add_argument("--train-embeddings", action="store_true",
+                        help="full fine-tuning also trains the embeddings (default: the decoder blocks only)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype of the passes (the weights stay float32)")
     parser.add_argument("--heldout-windows", type=int, default=40)
     parser.add_argument("--piqa-limit", type=int, default=300, help="PIQA documents (0: skip PIQA)")
     parser.add_argument("--json", default="benchmarks/results/heal.json")
@@ -108,7 +115,8 @@ def main() -> None:
         seconds = step_seconds(compressed, args.model, args, method)
         for budget in (float(b) for b in args.budgets.split(",")):
             steps = min(most_steps, max(2, int(budget * 60 / seconds)))
-            settings = HealSettings(steps=steps, batch_size=args.batch_size,
+            settings = HealSettings(steps=steps, batch_size=args.batch_size, loss=args.loss, dtype=args.dtype,
+                                    train_embeddings=args.train_embeddings,
                                     lr=args.lora_lr if method == "lora" else args.lr,
                                     warmup=max(1, steps // 20), method=method, checkpoint_every=max(1, steps // 4))
             out = work / f"healed-{method}-{budget:g}"
@@ -123,7 +131,7 @@ def main() -> None:
                    "piqa_acc": piqa(out, args.piqa_limit)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{args.model} at {args.ratio}, {platform.machine()} with {os.cpu_count()} CPUs, distillation (kd), "
+    print(f"\n{args.model} at {args.ratio}, {platform.machine()} with {os.cpu_count()} CPUs, loss {args.loss}, "
           f"{args.batch_size} x {args.seqlen} tokens per step, lr {args.lr} (LoRA {args.lora_lr})")
     print(f"{'model':36} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'held-out ppl':>13} {'PIQA':>6}")
     for r in rows:

@@ -173,6 +173,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
         method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         eval_every=args.eval_every, keep_best=args.keep_best, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        dtype=args.dtype, param_dtype=args.param_dtype, train_embeddings=args.train_embeddings,
     )
     report = heal_checkpoint(args.model, args.teacher, args.output, settings, data=args.data, seqlen=args.seqlen,
                              val_windows=args.val_windows, overwrite=args.overwrite,
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--method", default=hd.method, choices=["full", "lora"],
                     help="train every parameter, or LoRA adapters merged into the weights at the end "
                          f"(default: {hd.method})")
+    he.add_argument("--train-embeddings", action="store_true",
+                    help="--method full: also train the token embeddings and output head, which compression left "
+                         "whole (default: the decoder blocks and the final norm only)")
     he.add_argument("--lora-rank", type=int, default=hd.lora_rank, help=f"(default: {hd.lora_rank})")
     he.add_argument("--lora-alpha", type=float, default=hd.lora_alpha, help=f"(default: {hd.lora_alpha})")
     he.add_argument("--lora-targets", default=",".join(PROJECTIONS),
@@ -398,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="orbax checkpoint every K steps, beside --output; rerunning the same command resumes "
                          f"(default: {hd.checkpoint_every})")
     he.add_argument("--seed", type=int, default=hd.seed, help="seed of the data order and the adapters (default: 0)")
+    he.add_argument("--dtype", default=hd.dtype, choices=["float32", "bfloat16"],
+                    help="compute dtype of the student's and the teacher's passes; bfloat16 with float32 "
+                         f"--param-dtype is mixed precision (default: {hd.dtype})")
+    he.add_argument("--param-dtype", default=hd.param_dtype, choices=["float32", "bfloat16"],
+                    help="dtype of the trained weights, the optimiser's moments and the written model "
+                         f"(default: {hd.param_dtype})")
     he.add_argument("--mesh", default=None,
                     help="train on a device mesh, e.g. data=8 or data=2,model=4: batches split over data, weights "
                          "and optimiser state over model (default: one device; all devices with --coordinator)")

@@ -33,6 +33,7 @@ __all__ = ["HealSettings", "LoRALinear", "LoRAParam", "add_lora", "heal", "kd_lo
 
 LOSSES = ("kd", "lm", "kd+lm")
 METHODS = ("full", "lora")
+DTYPES = ("float32", "bfloat16")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -46,7 +47,10 @@ class HealSettings:
     gradients clipped to global norm ``clip_norm``. ``loss``: ``kd``
     (KL divergence from the teacher's token distributions at ``temperature``, times ``temperature**2``),
     ``lm`` (next-token cross-entropy) or ``kd+lm`` (their sum). ``method``: ``full`` (every parameter) or
-    ``lora`` (rank-``lora_rank`` adapters on ``lora_targets``, scaled by ``lora_alpha / lora_rank``)."""
+    ``lora`` (rank-``lora_rank`` adapters on ``lora_targets``, scaled by ``lora_alpha / lora_rank``).
+    ``param_dtype``: the trained weights (the master copy the optimiser updates, and its moments); ``dtype``: the
+    student's forward and backward pass and the teacher's forward pass run on copies of the weights cast to it
+    (``bfloat16`` with ``float32`` weights is the usual mixed precision; norms, softmax and losses stay float32)."""
 
     steps: int = 100
     batch_size: int = 4
@@ -68,6 +72,9 @@ class HealSettings:
     keep_best: bool = False  # end with the weights of the best validation perplexity seen (step 0 included)
     checkpoint_every: int = 50  # orbax checkpoint every this many steps (with a checkpoint directory)
     seed: int = 0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    train_embeddings: bool = False  # full fine-tuning: also train the EMBEDDINGS (left whole by compression)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "lora_rank", "checkpoint_every"):
@@ -89,6 +96,10 @@ class HealSettings:
             raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}", argument="loss")
         if self.method not in METHODS:
             raise UserError(f"method must be full or lora, got {self.method!r}", argument="method")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise UserError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}",
+                                argument=name)
         unknown = sorted(set(self.lora_targets) - set(PROJECTIONS))
         if unknown or not self.lora_targets:
             raise UserError(f"lora_targets must name some of {', '.join(PROJECTIONS)}, got "
@@ -179,6 +190,19 @@ def kd_loss(logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1
     return t * t * jnp.mean(kl)
 
 
+def cast_weights(model: Transformer, dtype: Any) -> Transformer:
+    """``model`` with its floating-point weights (:class:`nnx.Param`, adapters included) in ``dtype``: a new
+    module over cast copies (inside a traced function gradients flow back through the cast to the originals), or
+    ``model`` itself when every weight already has that dtype."""
+    dtype = jnp.dtype(dtype)
+    graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
+    leaves = jax.tree.leaves(weights)
+    if all(x.dtype == dtype or not jnp.issubdtype(x.dtype, jnp.floating) for x in leaves):
+        return model
+    cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, weights)
+    return nnx.merge(graphdef, cast, rest)
+
+
 def forward(model: Transformer, tokens: jax.Array) -> jax.Array:
     """Logits of ``model`` as one traceable function (``Transformer.__call__`` jits block by block)."""
     positions = model.positions(tokens)
@@ -188,15 +212,15 @@ def forward(model: Transformer, tokens: jax.Array) -> jax.Array:
     return model.head(h)
 
 
-@nnx.jit
-def _teacher_logits(teacher: Transformer, tokens: jax.Array) -> jax.Array:
-    return forward(teacher, tokens)
+@nnx.jit(static_argnames=("dtype",))
+def _teacher_logits(teacher: Transformer, tokens: jax.Array, dtype: str) -> jax.Array:
+    return forward(cast_weights(teacher, dtype), tokens)
 
 
-@nnx.jit(static_argnames=("loss", "temperature", "wrt"))
-def _step(model, optimizer, tokens, teacher_logits, *, loss, temperature, wrt):
+@nnx.jit(static_argnames=("loss", "temperature", "wrt", "dtype"))
+def _step(model, optimizer, tokens, teacher_logits, *, loss, temperature, wrt, dtype):
     def objective(model):
-        logits = forward(model, tokens)
+        logits = forward(cast_weights(model, dtype), tokens)
         parts = {}
         if loss in ("kd", "kd+lm"):
             parts["kd"] = kd_loss(logits, teacher_logits, temperature)
@@ -214,14 +238,22 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, tokens, teacher: Tr
     """One micro-batch: loss, gradients of the trained parameters, and the optimiser's update (with
     ``grad_accum > 1`` the update is applied every ``grad_accum`` calls). Returns the losses."""
     tokens = jnp.asarray(tokens)
-    teacher_logits = _teacher_logits(teacher, tokens) if settings.loss != "lm" else None
+    teacher_logits = _teacher_logits(teacher, tokens, settings.dtype) if settings.loss != "lm" else None
     value, parts = _step(model, optimizer, tokens, teacher_logits, loss=settings.loss,
-                         temperature=settings.temperature, wrt=_trained(settings))
+                         temperature=settings.temperature, wrt=_trained(settings), dtype=settings.dtype)
     return {"loss": float(to_host(value)), **{k: float(to_host(v)) for k, v in parts.items()}}
 
 
+#: Parameters compression leaves whole: the token (and learned position) embeddings and an untied output head.
+EMBEDDINGS = ("embed_tokens", "embed_positions", "lm_head")
+
+
 def _trained(settings: HealSettings):
-    return LoRAParam if settings.method == "lora" else nnx.Param
+    if settings.method == "lora":
+        return LoRAParam
+    if settings.train_embeddings:
+        return nnx.Param
+    return nnx.All(nnx.Param, nnx.Not(nnx.Any(*(nnx.PathContains(name) for name in EMBEDDINGS))))
 
 
 def make_optimizer(model: Transformer, settings: HealSettings) -> nnx.Optimizer:
@@ -375,6 +407,10 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
             "validation": None if val_tokens is None else _digest(np.asarray(val_tokens, np.int32)),
             "model": model.config.to_json(), "dtype": str(model.dtype),
             "teacher": None if teacher is None else teacher.config.to_json()})
+    cast = cast_weights(model, settings.param_dtype)
+    if cast is not model:  # the master weights in param_dtype (the adapters follow their base kernels)
+        nnx.update(model, nnx.state(cast, nnx.Param))
+        model.dtype = jnp.dtype(settings.param_dtype)
     if settings.method == "lora":
         add_lora(model, settings.lora_targets, settings.lora_rank, settings.lora_alpha, settings.seed)
     if mesh is not None:

@@ -182,7 +182,7 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     :class:`~modegpt_jax.heal.HealSettings` ``settings``; writes the healed model to ``output`` and returns the
     report. ``data``: a calibration source (never the held-out text); validation perplexity is measured on
     ``val_windows`` windows of the embedded validation text. ``teacher`` may be None for ``loss="lm"`` (and is not
-    loaded then). Both models are trained and run in float32 (no low-precision master weights). ``overwrite``
+    loaded then). The student is loaded in ``settings.param_dtype``, the teacher in ``settings.dtype``. ``overwrite``
     also discards the checkpoints of an earlier run for ``output``. ``mesh``: as :func:`modegpt_jax.heal.heal`."""
     from converters.hf_export import save_model
     from converters.hf_import import HFCheckpoint
@@ -222,8 +222,8 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     windows = sample_windows(text, needed, seqlen, settings.seed, source=repr(str(data)))
     val = (token_windows(tokenize(tokenizer, embedded_text("validation")), seqlen, val_windows)
            if val_windows else None)
-    teacher_model = None if dense is None or settings.loss == "lm" else dense.load_model("float32")
-    healed, report = heal(student.load_model("float32"), teacher_model, windows, settings, val_tokens=val,
+    teacher_model = None if dense is None or settings.loss == "lm" else dense.load_model(settings.dtype)
+    healed, report = heal(student.load_model(settings.param_dtype), teacher_model, windows, settings, val_tokens=val,
                           checkpoint_dir=heal_dir(out), mesh=mesh, progress=progress)
     report.update(model=str(model if not isinstance(model, HFCheckpoint) else student.directory.name),
                   teacher=None if teacher is None else str(teacher if not isinstance(teacher, HFCheckpoint)

@@ -53,6 +53,38 @@ def test_one_step_lowers_the_loss_on_its_batch(pair, loss):
     assert after < before
 
 
+def test_bfloat16_passes_train_the_float32_weights(pair):
+    """Mixed precision: the passes run on bfloat16 copies, the gradients reach the float32 master weights."""
+    ckpt, _ = pair
+    batch, losses = data(4), {}
+    for dtype in ("float32", "bfloat16"):
+        model, teacher = student(pair), ckpt.load_model()
+        settings = HealSettings(steps=1, lr=1e-3, warmup=0, loss="kd+lm", dtype=dtype)
+        optimizer = make_optimizer(model, settings)
+        losses[dtype] = [train_step(model, optimizer, batch, teacher, settings)["loss"] for _ in range(2)]
+        assert {v.dtype for v in params(model).values()} == {np.dtype(np.float32)}
+        assert {v.dtype for v in jax.tree.leaves(nnx.state(optimizer, nnx.OptState))
+                if v.ndim} == {np.dtype(np.float32)}  # AdamW's moments follow the weights
+    assert losses["bfloat16"][1] < losses["bfloat16"][0]
+    assert losses["bfloat16"][0] != losses["float32"][0]  # the passes did run in bfloat16
+    assert losses["bfloat16"][0] == pytest.approx(losses["float32"][0], rel=2e-2)
+
+
+def test_bfloat16_weights_are_trained_and_kept_in_bfloat16(pair):
+    _, compressed = pair
+    same_batch = np.tile(data(4), (3, 1))  # every step trains on the same four windows
+    model, report = heal(student(pair), None, same_batch, HealSettings(
+        steps=3, batch_size=4, lr=1e-3, warmup=0, loss="lm", param_dtype="bfloat16", dtype="bfloat16"),
+        progress=False)
+    assert model.dtype == jnp.bfloat16
+    after = params(model)
+    assert {v.dtype for v in after.values()} == {np.dtype(jnp.bfloat16)}
+    before = params(compressed)
+    assert any(not np.array_equal(before[k].astype(after[k].dtype), after[k]) for k in before)
+    losses = [row["loss"] for row in report["history"] if "loss" in row]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
 def test_kd_loss_matches_numpy():
     rng = np.random.default_rng(0)
     s, t = rng.normal(size=(2, 5, 11)) * 3, rng.normal(size=(2, 5, 11)) * 3
@@ -93,6 +125,18 @@ def test_lora_trains_only_the_adapters(pair):
     before, after = params(compressed), params(model)
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed and all(k[-2] in ("q_proj", "down_proj") and k[-1] == "kernel" for k in changed)
+
+
+@pytest.mark.parametrize("train_embeddings", [False, True])
+def test_full_fine_tuning_trains_the_embeddings_only_when_asked(pair, train_embeddings):
+    ckpt, compressed = pair
+    model, _ = heal(student(pair), ckpt.load_model(), data(), HealSettings(
+        steps=2, batch_size=4, lr=1e-3, warmup=0, train_embeddings=train_embeddings), progress=False)
+    before, after = params(compressed), params(model)
+    changed = {k[0] for k in before if not np.array_equal(before[k], after[k])}
+    assert {"layers", "final_norm"} <= changed
+    assert ({"embed_tokens", "lm_head"} <= changed) == train_embeddings
+    assert not ({"embed_tokens", "lm_head"} & changed) or train_embeddings
 
 
 @pytest.mark.parametrize("keep_best", [False, True])
@@ -137,7 +181,8 @@ def test_killed_run_resumes_to_the_same_weights(pair, tmp_path, monkeypatch, kee
 
 def test_keep_best_ends_with_the_best_validated_weights(pair):
     ckpt, compressed = pair
-    settings = HealSettings(steps=3, batch_size=4, lr=0.5, warmup=0, eval_every=1, keep_best=True, clip_norm=1e9)
+    settings = HealSettings(steps=3, batch_size=4, lr=0.5, warmup=0, eval_every=1, keep_best=True, clip_norm=1e9,
+                            train_embeddings=True)
     model, report = heal(student(pair), ckpt.load_model(), data(), settings, val_tokens=data(4, seed=9),
                          progress=False)
     vals = [x["validation_perplexity"] for x in report["history"] if "validation_perplexity" in x]
@@ -160,6 +205,8 @@ def test_bad_input_is_refused(pair, tmp_path):
         heal(student(pair), None, data(), HealSettings(steps=1, warmup=0), progress=False)
     with pytest.raises(UserError, match="lr must be"):
         HealSettings(lr=0.0).validate()
+    with pytest.raises(UserError, match="param_dtype must be one of float32, bfloat16, got 'float16'"):
+        HealSettings(param_dtype="float16").validate()
     with pytest.raises(UserError, match=r"warmup \(10\) must be less than steps \(4\)"):
         HealSettings(steps=4, warmup=10).validate()
     with pytest.raises(UserError, match="lora_targets nothing name no projection of this model"):
