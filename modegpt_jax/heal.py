@@ -183,11 +183,15 @@ def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 def kd_loss(logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
     """``temperature**2`` times the mean over positions of ``KL(teacher || student)``, both softened by
     ``temperature`` (the usual scaling, so gradients keep their size as the temperature changes)."""
+    return temperature * temperature * jnp.mean(_kl(logits, teacher_logits, temperature))
+
+
+def _kl(logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """``KL(teacher || student)`` of every position [...], both softened by ``temperature``."""
     t = jnp.asarray(temperature, jnp.float32)
     log_student = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
     log_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
-    kl = jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
-    return t * t * jnp.mean(kl)
+    return jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
 
 
 def cast_weights(model: Transformer, dtype: Any) -> Transformer:
@@ -203,29 +207,80 @@ def cast_weights(model: Transformer, dtype: Any) -> Transformer:
     return nnx.merge(graphdef, cast, rest)
 
 
-def forward(model: Transformer, tokens: jax.Array) -> jax.Array:
-    """Logits of ``model`` as one traceable function (``Transformer.__call__`` jits block by block)."""
+def trunk(model: Transformer, tokens: jax.Array) -> jax.Array:
+    """The residual stream after the last block [B, T, d], as one traceable function (``Transformer.__call__``
+    jits block by block)."""
     positions = model.positions(tokens)
     h = model.embed(tokens, positions)
     for block in model.layers:
         h = block(h, positions)
-    return model.head(h)
+    return h
+
+
+#: Bytes of float32 logits ``[B, positions, vocab]`` that one chunk of the losses may hold (:func:`losses`).
+LOSS_CHUNK_BYTES = 512 * 2**20
+
+
+def losses(model: Transformer, h: jax.Array, tokens: jax.Array, teacher: Transformer | None,
+           teacher_h: jax.Array | None, *, loss: str, temperature: float, chunk: int | None = None
+           ) -> dict[str, jax.Array]:
+    """The training losses of ``model`` from its final residual stream ``h [B, T, d]`` (and the teacher's
+    ``teacher_h`` for ``kd``): :func:`kd_loss` and :func:`lm_loss` of the two models' logits, over ``chunk``
+    positions at a time (default: as many as fit :data:`LOSS_CHUNK_BYTES`). With several chunks, the output heads,
+    softmaxes and their gradients of one chunk are all that exist at once (recomputed in the backward pass, which
+    costs one more output-head product), never a ``[B, T, vocab]`` array: for a 128k vocabulary and 8 x 2048
+    tokens that would be 8 GiB per float32 copy."""
+    B, T, _ = h.shape
+    vocab = model.config.vocab_size
+    chunk = max(1, min(T, chunk or LOSS_CHUNK_BYTES // (4 * B * vocab)))
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    position = jnp.arange(n * chunk).reshape(n, chunk)
+
+    def chunks(x):  # [B, T, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+    xs = {"h": chunks(h), "targets": chunks(jnp.pad(tokens[:, 1:], [(0, 0), (0, 1)])), "position": position}
+    if teacher_h is not None:
+        xs["teacher_h"] = chunks(teacher_h)
+
+    def sums(x):
+        logits = model.head(x["h"])
+        out = {}
+        if loss in ("kd", "kd+lm"):
+            kl = _kl(logits, jax.lax.stop_gradient(teacher.head(x["teacher_h"])), temperature)
+            out["kd"] = jnp.sum(jnp.where(x["position"] < T, kl, 0.0))
+        if loss in ("lm", "kd+lm"):  # position t predicts token t + 1
+            nll = token_nll(logits, x["targets"])
+            out["lm"] = jnp.sum(jnp.where(x["position"] < T - 1, nll, 0.0))
+        return out
+
+    if n == 1:  # nothing to save: the whole window at once
+        total = jax.tree.map(jnp.sum, sums(jax.tree.map(lambda x: x[0], xs)))
+    else:
+        total = jax.tree.map(jnp.sum, jax.lax.map(jax.checkpoint(sums), xs))
+    parts = {}
+    if "kd" in total:
+        parts["kd"] = temperature * temperature * total["kd"] / (B * T)
+    if "lm" in total:
+        parts["lm"] = total["lm"] / (B * (T - 1))
+    return parts
 
 
 @nnx.jit(static_argnames=("dtype",))
-def _teacher_logits(teacher: Transformer, tokens: jax.Array, dtype: str) -> jax.Array:
-    return forward(cast_weights(teacher, dtype), tokens)
+def _teacher_trunk(teacher: Transformer, tokens: jax.Array, dtype: str) -> jax.Array:
+    return trunk(cast_weights(teacher, dtype), tokens)
 
 
 @nnx.jit(static_argnames=("loss", "temperature", "wrt", "dtype"))
-def _step(model, optimizer, tokens, teacher_logits, *, loss, temperature, wrt, dtype):
+def _step(model, optimizer, tokens, teacher, teacher_h, *, loss, temperature, wrt, dtype):
+    teacher = None if teacher is None else cast_weights(teacher, dtype)
+
     def objective(model):
-        logits = forward(cast_weights(model, dtype), tokens)
-        parts = {}
-        if loss in ("kd", "kd+lm"):
-            parts["kd"] = kd_loss(logits, teacher_logits, temperature)
-        if loss in ("lm", "kd+lm"):
-            parts["lm"] = lm_loss(logits, tokens)
+        compute = cast_weights(model, dtype)
+        parts = losses(compute, trunk(compute, tokens), tokens, teacher, teacher_h, loss=loss,
+                       temperature=temperature)
         return sum(parts.values()), parts
 
     (value, parts), grads = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
@@ -238,8 +293,11 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, tokens, teacher: Tr
     """One micro-batch: loss, gradients of the trained parameters, and the optimiser's update (with
     ``grad_accum > 1`` the update is applied every ``grad_accum`` calls). Returns the losses."""
     tokens = jnp.asarray(tokens)
-    teacher_logits = _teacher_logits(teacher, tokens, settings.dtype) if settings.loss != "lm" else None
-    value, parts = _step(model, optimizer, tokens, teacher_logits, loss=settings.loss,
+    if settings.loss == "lm":
+        teacher = teacher_h = None
+    else:
+        teacher_h = _teacher_trunk(teacher, tokens, settings.dtype)
+    value, parts = _step(model, optimizer, tokens, teacher, teacher_h, loss=settings.loss,
                          temperature=settings.temperature, wrt=_trained(settings), dtype=settings.dtype)
     return {"loss": float(to_host(value)), **{k: float(to_host(v)) for k, v in parts.items()}}
 

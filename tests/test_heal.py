@@ -85,6 +85,36 @@ def test_bfloat16_weights_are_trained_and_kept_in_bfloat16(pair):
     assert len(losses) == 3 and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("loss", ["kd", "lm", "kd+lm"])
+def test_chunked_losses_equal_the_losses_of_whole_logits(pair, loss):
+    ckpt, _ = pair
+    model, teacher = student(pair), ckpt.load_model()
+    tokens = jnp.asarray(data(3, length=21))  # 21 positions: chunks of 8 leave a padded last chunk
+    teacher_h, teacher_logits = healing.trunk(teacher, tokens), teacher(tokens)
+
+    def objective(model, chunk):
+        parts = healing.losses(model, healing.trunk(model, tokens), tokens, teacher, teacher_h, loss=loss,
+                               temperature=2.0, chunk=chunk)
+        return sum(parts.values()), parts
+
+    def whole(model):
+        logits, parts = model.head(healing.trunk(model, tokens)), {}
+        if "kd" in loss:
+            parts["kd"] = kd_loss(logits, teacher_logits, 2.0)
+        if "lm" in loss:
+            parts["lm"] = lm_loss(logits, tokens)
+        return sum(parts.values()), parts
+
+    (_, expected), expected_grads = nnx.value_and_grad(whole, has_aux=True)(model)
+    for chunk in (8, None):  # three chunks, and the default: one (these logits are far below LOSS_CHUNK_BYTES)
+        (_, parts), grads = nnx.value_and_grad(lambda m: objective(m, chunk), has_aux=True)(model)
+        assert parts.keys() == expected.keys()
+        for name in expected:
+            np.testing.assert_allclose(float(parts[name]), float(expected[name]), rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
 def test_kd_loss_matches_numpy():
     rng = np.random.default_rng(0)
     s, t = rng.normal(size=(2, 5, 11)) * 3, rng.normal(size=(2, 5, 11)) * 3
