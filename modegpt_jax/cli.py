@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--temperature", type=float, default=hd.temperature,
                     help=f"distillation temperature (default: {hd.temperature})")
     he.add_argument("--method", default=hd.method, choices=["full", "lora"],
-                    help="train every parameter, or LoRA adapters merged into the weights at the end "
+                    help="train the decoder blocks, or LoRA adapters merged into the weights at the end "
                          f"(default: {hd.method})")
     he.add_argument("--train-embeddings", action="store_true",
                     help="--method full: also train the token embeddings and output head, which compression left "
@@ -403,10 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(default: {hd.checkpoint_every})")
     he.add_argument("--seed", type=int, default=hd.seed, help="seed of the data order and the adapters (default: 0)")
     he.add_argument("--dtype", default=hd.dtype, choices=["float32", "bfloat16"],
-                    help="compute dtype of the student's and the teacher's passes; bfloat16 with float32 "
-                         f"--param-dtype is mixed precision (default: {hd.dtype})")
+                    help="compute dtype of the student's and the teacher's passes (unlike --dtype of compress and "
+                         "eval, not the weights': see --param-dtype); bfloat16 with float32 --param-dtype is mixed "
+                         f"precision (default: {hd.dtype})")
     he.add_argument("--param-dtype", default=hd.param_dtype, choices=["float32", "bfloat16"],
-                    help="dtype of the trained weights, the optimiser's moments and the written model "
+                    help="dtype of the trained weights, the optimiser's moments and the written model; bfloat16 "
+                         "weights drop updates below 1/256 of their size, so at a small --lr most do not move "
                          f"(default: {hd.param_dtype})")
     he.add_argument("--mesh", default=None,
                     help="train on a device mesh, e.g. data=8 or data=2,model=4: batches split over data, weights "

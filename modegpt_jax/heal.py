@@ -1,5 +1,5 @@
 """Recovery training of a compressed model with optax (``modegpt heal``): distillation from the dense teacher, plain
-next-token loss, or both; every parameter or LoRA adapters merged at the end; orbax checkpoints to resume.
+next-token loss, or both; the decoder blocks or LoRA adapters merged at the end; orbax checkpoints to resume.
 
 The compressed model keeps its shapes: LoRA adapters (:class:`LoRALinear`) wrap the target projections during
 training and are folded into their kernels by :func:`merge_lora`, so a healed model exports and loads like any
@@ -46,9 +46,12 @@ class HealSettings:
     ``warmup`` steps (from ``lr / (warmup + 1)``, so the first step already moves) then cosine decay to 0,
     gradients clipped to global norm ``clip_norm``. ``loss``: ``kd``
     (KL divergence from the teacher's token distributions at ``temperature``, times ``temperature**2``),
-    ``lm`` (next-token cross-entropy) or ``kd+lm`` (their sum). ``method``: ``full`` (every parameter) or
-    ``lora`` (rank-``lora_rank`` adapters on ``lora_targets``, scaled by ``lora_alpha / lora_rank``).
-    ``param_dtype``: the trained weights (the master copy the optimiser updates, and its moments); ``dtype``: the
+    ``lm`` (next-token cross-entropy) or ``kd+lm`` (their sum). ``method``: ``full`` (the decoder blocks and the
+    final norm; the embeddings too with ``train_embeddings``) or ``lora`` (rank-``lora_rank`` adapters on
+    ``lora_targets``, scaled by ``lora_alpha / lora_rank``).
+    ``param_dtype``: the trained weights (the master copy the optimiser updates, and its moments; bfloat16 saves
+    memory but drops every update below about 1/256 of a weight, so at small learning rates most weights do not
+    move); ``dtype``: the
     student's forward and backward pass and the teacher's forward pass run on copies of the weights cast to it
     (``bfloat16`` with ``float32`` weights is the usual mixed precision; norms, softmax and losses stay float32)."""
 
@@ -100,6 +103,9 @@ class HealSettings:
             if getattr(self, name) not in DTYPES:
                 raise UserError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}",
                                 argument=name)
+        if self.train_embeddings and self.method != "full":
+            raise UserError("train_embeddings applies to method full (LoRA adapters wrap the projections only)",
+                            argument=("train_embeddings", "method"))
         unknown = sorted(set(self.lora_targets) - set(PROJECTIONS))
         if unknown or not self.lora_targets:
             raise UserError(f"lora_targets must name some of {', '.join(PROJECTIONS)}, got "
@@ -228,12 +234,13 @@ def losses(model: Transformer, h: jax.Array, tokens: jax.Array, teacher: Transfo
     ``teacher_h`` for ``kd``): :func:`kd_loss` and :func:`lm_loss` of the two models' logits, over ``chunk``
     positions at a time (default: as many as fit :data:`LOSS_CHUNK_BYTES`). With several chunks, the output heads,
     softmaxes and their gradients of one chunk are all that exist at once (recomputed in the backward pass, which
-    costs one more output-head product), never a ``[B, T, vocab]`` array: for a 128k vocabulary and 8 x 2048
+    costs one more product of each output head), never a ``[B, T, vocab]`` array: for a 128k vocabulary and 8 x 2048
     tokens that would be 8 GiB per float32 copy."""
     B, T, _ = h.shape
     vocab = model.config.vocab_size
     chunk = max(1, min(T, chunk or LOSS_CHUNK_BYTES // (4 * B * vocab)))
     n = -(-T // chunk)
+    chunk = -(-T // n)  # the same number of chunks, as even as they go: the last is padded least
     pad = n * chunk - T
     position = jnp.arange(n * chunk).reshape(n, chunk)
 

@@ -235,6 +235,8 @@ def test_bad_input_is_refused(pair, tmp_path):
         heal(student(pair), None, data(), HealSettings(steps=1, warmup=0), progress=False)
     with pytest.raises(UserError, match="lr must be"):
         HealSettings(lr=0.0).validate()
+    with pytest.raises(UserError, match="train_embeddings applies to method full"):
+        HealSettings(method="lora", train_embeddings=True).validate()
     with pytest.raises(UserError, match="param_dtype must be one of float32, bfloat16, got 'float16'"):
         HealSettings(param_dtype="float16").validate()
     with pytest.raises(UserError, match=r"warmup \(10\) must be less than steps \(4\)"):
