@@ -241,7 +241,7 @@ def _fields_from_sentencepiece(directory: Path, vocab_size: int) -> list:
             continue
         tokens[i], scores[i], token_types[i] = text, -1000.0, CONTROL if special else USER_DEFINED
     ids = {t: i for i, t in enumerate(tokens)}
-    space_prefix = sp.encode("a", out_type=str)[0] in ("\u2581a", "\u2581")
+    space_prefix = sp.encode("a", out_type=str)[:1] in (["\u2581a"], ["\u2581"])
 
     V = gguf.GGUFValueType
     fields = [("tokenizer.ggml.model", "llama", V.STRING, None), ("tokenizer.ggml.pre", "default", V.STRING, None),

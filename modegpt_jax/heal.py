@@ -51,9 +51,9 @@ class HealSettings:
     ``lora_targets``, scaled by ``lora_alpha / lora_rank``).
     ``param_dtype``: the trained weights (the master copy the optimiser updates, and its moments; bfloat16 saves
     memory but drops every update below about 1/256 of a weight, so at small learning rates most weights do not
-    move); ``dtype``: the
-    student's forward and backward pass and the teacher's forward pass run on copies of the weights cast to it
-    (``bfloat16`` with ``float32`` weights is the usual mixed precision; norms, softmax and losses stay float32)."""
+    move); ``dtype``: the student's forward and backward pass and the teacher's forward pass run on copies of the
+    weights cast to it (``bfloat16`` with ``float32`` weights is the usual mixed precision; norms, softmax and
+    losses stay float32)."""
 
     steps: int = 100
     batch_size: int = 4
