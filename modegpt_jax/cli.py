@@ -173,11 +173,12 @@ def cmd_heal(args: argparse.Namespace) -> int:
         method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         eval_every=args.eval_every, keep_best=args.keep_best, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        dtype=args.dtype, param_dtype=args.param_dtype, train_embeddings=args.train_embeddings,
+        dtype=args.dtype, param_dtype=args.param_dtype, train_embeddings=args.train_embeddings, remat=args.remat,
     )
     report = heal_checkpoint(args.model, args.teacher, args.output, settings, data=args.data, seqlen=args.seqlen,
                              val_windows=args.val_windows, overwrite=args.overwrite,
-                             mesh=None if args.mesh is None and args.coordinator is None else make_mesh(args.mesh))
+                             mesh=None if args.mesh is None and args.coordinator is None else make_mesh(args.mesh),
+                             teacher_cache=args.teacher_cache)
     ppl = report["validation_perplexity"]
     if ppl:
         print(f"validation perplexity {ppl['before']:.3f} -> {ppl['after']:.3f}")
@@ -360,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--teacher", default=None,
                     help="the dense model it was compressed from (needed by --loss kd and kd+lm)")
     he.add_argument("--output", required=True, help="directory for the healed model")
+    he.add_argument("--teacher-cache", default=None, metavar="DIR",
+                    help="compute the teacher's last hidden states on the training windows once, block by block, "
+                         "into DIR (about windows x seqlen x hidden x 4 bytes), then train with only its embeddings "
+                         "and head in memory; a later run on the same windows reuses DIR (default: the whole "
+                         "teacher in memory, run at every step)")
     he.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     he.add_argument("--data", default="wikipedia",
                     help="training text, as --calib-data of modegpt compress (default: the embedded calibration "
@@ -410,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the trained weights, the optimiser's moments and the written model; bfloat16 "
                          "weights drop updates below 1/256 of their size, so at a small --lr most do not move "
                          f"(default: {hd.param_dtype})")
+    he.add_argument("--remat", action="store_true",
+                    help="recompute each block's activations in the backward pass: activation memory of one block "
+                         "instead of all, for one more forward pass of the blocks (the result is the same)")
     he.add_argument("--mesh", default=None,
                     help="train on a device mesh, e.g. data=8 or data=2,model=4: batches split over data, weights "
                          "and optimiser state over model (default: one device; all devices with --coordinator)")

@@ -39,7 +39,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 @dataclasses.dataclass(frozen=True)
 class HealSettings:
-    """Everything that decides the result of a recovery run (recorded in its report).
+    """Everything that decides the result of a recovery run, and how it is computed (recorded in its report).
 
     ``steps`` optimiser steps, each over ``batch_size * grad_accum`` windows (gradients averaged over
     ``grad_accum`` micro-batches of ``batch_size``, :class:`optax.MultiSteps`); AdamW with linear warmup over
@@ -53,7 +53,9 @@ class HealSettings:
     memory but drops every update below about 1/256 of a weight, so at small learning rates most weights do not
     move); ``dtype``: the student's forward and backward pass and the teacher's forward pass run on copies of the
     weights cast to it (``bfloat16`` with ``float32`` weights is the usual mixed precision; norms, softmax and
-    losses stay float32)."""
+    losses stay float32). ``remat``: recompute each block's activations in the backward pass (one more forward
+    pass of the blocks for the activation memory of one block; the result is the same, and a checkpointed run may
+    resume with the other value)."""
 
     steps: int = 100
     batch_size: int = 4
@@ -78,6 +80,7 @@ class HealSettings:
     dtype: str = "float32"
     param_dtype: str = "float32"
     train_embeddings: bool = False  # full fine-tuning: also train the EMBEDDINGS (left whole by compression)
+    remat: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "lora_rank", "checkpoint_every"):
@@ -213,13 +216,21 @@ def cast_weights(model: Transformer, dtype: Any) -> Transformer:
     return nnx.merge(graphdef, cast, rest)
 
 
-def trunk(model: Transformer, tokens: jax.Array) -> jax.Array:
+def trunk(model: Transformer, tokens: jax.Array, *, remat: bool = False) -> jax.Array:
     """The residual stream after the last block [B, T, d], as one traceable function (``Transformer.__call__``
-    jits block by block)."""
+    jits block by block). ``remat``: a backward pass keeps only each block's input and recomputes the block's
+    activations from it (:func:`flax.nnx.remat`): one more forward pass of the blocks, for activation memory of
+    one block instead of all of them."""
     positions = model.positions(tokens)
     h = model.embed(tokens, positions)
+
+    def run(block, h):
+        return block(h, positions)
+
+    if remat:
+        run = nnx.remat(run)
     for block in model.layers:
-        h = block(h, positions)
+        h = run(block, h)
     return h
 
 
@@ -280,13 +291,13 @@ def _teacher_trunk(teacher: Transformer, tokens: jax.Array, dtype: str) -> jax.A
     return trunk(cast_weights(teacher, dtype), tokens)
 
 
-@nnx.jit(static_argnames=("loss", "temperature", "wrt", "dtype"))
-def _step(model, optimizer, tokens, teacher, teacher_h, *, loss, temperature, wrt, dtype):
+@nnx.jit(static_argnames=("loss", "temperature", "wrt", "dtype", "remat"))
+def _step(model, optimizer, tokens, teacher, teacher_h, *, loss, temperature, wrt, dtype, remat):
     teacher = None if teacher is None else cast_weights(teacher, dtype)
 
     def objective(model):
         compute = cast_weights(model, dtype)
-        parts = losses(compute, trunk(compute, tokens), tokens, teacher, teacher_h, loss=loss,
+        parts = losses(compute, trunk(compute, tokens, remat=remat), tokens, teacher, teacher_h, loss=loss,
                        temperature=temperature)
         return sum(parts.values()), parts
 
@@ -296,16 +307,21 @@ def _step(model, optimizer, tokens, teacher, teacher_h, *, loss, temperature, wr
 
 
 def train_step(model: Transformer, optimizer: nnx.Optimizer, tokens, teacher: Transformer | None,
-               settings: HealSettings) -> dict[str, float]:
+               settings: HealSettings, teacher_h: jax.Array | None = None) -> dict[str, float]:
     """One micro-batch: loss, gradients of the trained parameters, and the optimiser's update (with
-    ``grad_accum > 1`` the update is applied every ``grad_accum`` calls). Returns the losses."""
+    ``grad_accum > 1`` the update is applied every ``grad_accum`` calls). Returns the losses. ``teacher_h``: the
+    teacher's final residual stream for these windows (:mod:`modegpt_jax.teacher_cache`), instead of running the
+    teacher's blocks here; only its head is used then."""
     tokens = jnp.asarray(tokens)
     if settings.loss == "lm":
         teacher = teacher_h = None
+    elif teacher_h is not None:
+        teacher_h = jnp.asarray(teacher_h).astype(settings.dtype)
     else:
         teacher_h = _teacher_trunk(teacher, tokens, settings.dtype)
     value, parts = _step(model, optimizer, tokens, teacher, teacher_h, loss=settings.loss,
-                         temperature=settings.temperature, wrt=_trained(settings), dtype=settings.dtype)
+                         temperature=settings.temperature, wrt=_trained(settings), dtype=settings.dtype,
+                         remat=settings.remat)
     return {"loss": float(to_host(value)), **{k: float(to_host(v)) for k, v in parts.items()}}
 
 
@@ -344,7 +360,11 @@ def batch_order(n_windows: int, settings: HealSettings) -> np.ndarray:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
-def _digest(array: np.ndarray) -> str:
+#: Settings that change how a step is computed, not what it computes: a run may resume with other values.
+RESULT_NEUTRAL = ("remat",)
+
+
+def digest(array: np.ndarray) -> str:
     import hashlib
 
     return f"{list(array.shape)}:{hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]}"
@@ -438,10 +458,14 @@ class _Checkpoints:
 # -- the run ---------------------------------------------------------------------------------------------------
 def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, settings: HealSettings, *,
          val_tokens: np.ndarray | None = None, checkpoint_dir: str | Path | None = None,
-         mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> tuple[Transformer, dict[str, Any]]:
+         mesh: jax.sharding.Mesh | None = None, progress: bool = True, teacher_hidden: np.ndarray | None = None
+         ) -> tuple[Transformer, dict[str, Any]]:
     """Train ``model`` (in place) on ``tokens [N, seqlen]`` and return it with its report.
 
     ``teacher``: the dense model, for the ``kd`` losses (its logits are computed on the fly, never stored).
+    ``teacher_hidden``: the teacher's final residual stream for every window ``[N, seqlen, hidden]`` (e.g. a
+    :class:`~modegpt_jax.teacher_cache.TeacherCache`'s ``hidden``); then only the teacher's head is used, so
+    ``teacher`` may be a model without blocks.
     ``val_tokens``: windows for validation perplexity at the start, every ``eval_every`` steps and at the end.
     ``checkpoint_dir``: orbax checkpoints every ``checkpoint_every`` steps; a run given the same directory and
     settings resumes from its last checkpoint. With ``method="lora"`` the adapters are merged before returning.
@@ -456,6 +480,10 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
         raise UserError(f"teacher has a vocabulary of {teacher.config.vocab_size} tokens, the model one of "
                         f"{model.config.vocab_size}", argument="teacher")
     tokens = np.asarray(tokens, np.int32)
+    if teacher_hidden is not None and settings.loss != "lm" and (
+            teacher_hidden.shape != (*tokens.shape, teacher.config.hidden_size)):
+        raise UserError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}, the windows and the teacher need "
+                        f"{(*tokens.shape, teacher.config.hidden_size)}", argument="teacher_hidden")
     order = batch_order(len(tokens), settings)
     if settings.keep_best and val_tokens is None:
         raise UserError("keep_best needs validation windows to choose by", argument="keep_best")
@@ -468,8 +496,9 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
     checkpoints = None
     if checkpoint_dir is not None:  # refuses a directory of another run before the model is touched
         checkpoints = _Checkpoints(Path(checkpoint_dir), {
-            "settings": dataclasses.asdict(settings), "data": _digest(tokens),
-            "validation": None if val_tokens is None else _digest(np.asarray(val_tokens, np.int32)),
+            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in RESULT_NEUTRAL},
+            "data": digest(tokens),
+            "validation": None if val_tokens is None else digest(np.asarray(val_tokens, np.int32)),
             "model": model.config.to_json(), "dtype": str(model.dtype),
             "teacher": None if teacher is None else teacher.config.to_json()})
     cast = cast_weights(model, settings.param_dtype)
@@ -504,12 +533,15 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
     for step in range(start_step, settings.steps):
         losses = []
         for micro in range(settings.grad_accum):
-            rows = tokens[order[step * settings.grad_accum + micro]]
+            picked = order[step * settings.grad_accum + micro]
+            rows = tokens[picked]
+            teacher_h = None if teacher_hidden is None or settings.loss == "lm" else teacher_hidden[picked]
             if mesh is not None:  # every process holds every row and feeds its own share of the batch
                 share = settings.batch_size // processes
-                index = jax.process_index()
-                rows = shard_batch(rows[index * share:(index + 1) * share], mesh)
-            losses.append(train_step(model, optimizer, rows, teacher, settings))
+                mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+                rows = shard_batch(rows[mine], mesh)
+                teacher_h = None if teacher_h is None else shard_batch(teacher_h[mine], mesh)
+            losses.append(train_step(model, optimizer, rows, teacher, settings, teacher_h))
         row = {"step": step + 1, **{k: float(np.mean([x[k] for x in losses])) for k in losses[0]}}
         if not math.isfinite(row["loss"]):
             kept = "" if checkpoints is None or checkpoints.latest is None else (

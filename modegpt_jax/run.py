@@ -176,14 +176,18 @@ def check_student_teacher(student, teacher) -> None:
 
 def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, data: str = "wikipedia",
                     seqlen: int = 512, val_windows: int = 16, overwrite: bool = False,
-                    mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict[str, Any]:
+                    mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                    teacher_cache: str | Path | None = None) -> dict[str, Any]:
     """Recovery training of the compressed ``model`` (a directory written by ``modegpt compress``, or any
     checkpoint :class:`~converters.hf_import.HFCheckpoint` reads) from the dense ``teacher`` with
     :class:`~modegpt_jax.heal.HealSettings` ``settings``; writes the healed model to ``output`` and returns the
     report. ``data``: a calibration source (never the held-out text); validation perplexity is measured on
     ``val_windows`` windows of the embedded validation text. ``teacher`` may be None for ``loss="lm"`` (and is not
     loaded then). The student is loaded in ``settings.param_dtype``, the teacher in ``settings.dtype``. ``overwrite``
-    also discards the checkpoints of an earlier run for ``output``. ``mesh``: as :func:`modegpt_jax.heal.heal`."""
+    also discards the checkpoints of an earlier run for ``output``. ``mesh``: as :func:`modegpt_jax.heal.heal`.
+    ``teacher_cache``: a directory for the teacher's final residual stream on the training windows
+    (:mod:`modegpt_jax.teacher_cache`): filled block by block first (or continued, or reused as it is), then only
+    the teacher's embeddings and head are loaded."""
     from converters.hf_export import save_model
     from converters.hf_import import HFCheckpoint
     from modegpt_jax.calibration import calibration_tokens, load_calibration_text, sample_windows
@@ -194,6 +198,12 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
 
     settings.validate()
     out = check_output(output, overwrite)
+    if teacher_cache is not None and settings.loss == "lm":
+        raise UserError("a teacher cache serves the distillation losses; loss lm uses no teacher",
+                        argument=("teacher_cache", "loss"))
+    if teacher_cache is not None and jax.process_count() > 1:
+        raise UserError("a teacher cache is filled and read by one process: drop it in multi-process runs",
+                        argument="teacher_cache")
     if val_windows < 0:
         raise UserError(f"val_windows must be >= 0, got {val_windows}", argument="val_windows")
     if seqlen < 2:
@@ -222,13 +232,27 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     windows = sample_windows(text, needed, seqlen, settings.seed, source=repr(str(data)))
     val = (token_windows(tokenize(tokenizer, embedded_text("validation")), seqlen, val_windows)
            if val_windows else None)
-    teacher_model = None if dense is None or settings.loss == "lm" else dense.load_model(settings.dtype)
+    teacher_model = teacher_hidden = cache_report = None
+    if teacher_cache is not None and dense is not None and settings.loss != "lm":
+        from modegpt_jax.heal import digest
+        from modegpt_jax.teacher_cache import TeacherCache, checkpoint_identity, fill_teacher_cache
+
+        cache = TeacherCache(teacher_cache, {"teacher": checkpoint_identity(dense), "windows": digest(windows),
+                                             "dtype": settings.dtype}, (*windows.shape, dense.config.hidden_size))
+        began, reused = time.perf_counter(), cache.complete
+        fill_teacher_cache(cache, dense, windows, settings.dtype, batch_size=settings.batch_size, progress=progress)
+        cache_report = {"directory": str(cache.directory), "reused": reused,
+                        "fill_seconds": round(time.perf_counter() - began, 3)}
+        teacher_hidden = cache.hidden
+        teacher_model = dense.load_shell(dataclasses.replace(dense.config, layers=()), settings.dtype)
+    elif dense is not None and settings.loss != "lm":
+        teacher_model = dense.load_model(settings.dtype)
     healed, report = heal(student.load_model(settings.param_dtype), teacher_model, windows, settings, val_tokens=val,
-                          checkpoint_dir=heal_dir(out), mesh=mesh, progress=progress)
+                          checkpoint_dir=heal_dir(out), mesh=mesh, progress=progress, teacher_hidden=teacher_hidden)
     report.update(model=str(model if not isinstance(model, HFCheckpoint) else student.directory.name),
                   teacher=None if teacher is None else str(teacher if not isinstance(teacher, HFCheckpoint)
                                                            else dense.directory.name),
-                  data={"source": data, "windows": int(len(windows)), "seqlen": seqlen},
+                  data={"source": data, "windows": int(len(windows)), "seqlen": seqlen}, teacher_cache=cache_report,
                   validation={"text": "embedded:wikipedia/validation", "windows": 0 if val is None else len(val)},
                   wall_seconds=round(time.perf_counter() - start, 3),
                   versions={"jax": jax.__version__})

@@ -115,6 +115,24 @@ def test_chunked_losses_equal_the_losses_of_whole_logits(pair, loss):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("loss", ["kd", "lm"])
+def test_remat_steps_equal_the_plain_steps(pair, loss):
+    """Recomputing each block's activations in the backward pass changes the memory, not the training."""
+    ckpt, _ = pair
+    teacher, batch, trained = ckpt.load_model(), data(4), {}
+    for remat in (False, True):
+        model = student(pair)
+        settings = HealSettings(steps=2, lr=1e-4, warmup=0, loss=loss, remat=remat)
+        optimizer = make_optimizer(model, settings)
+        steps = [train_step(model, optimizer, batch, teacher, settings)["loss"] for _ in range(2)]
+        trained[remat] = steps, params(model)
+    np.testing.assert_allclose(trained[True][0], trained[False][0], rtol=1e-5)
+    start = params(student(pair))
+    for name, value in trained[False][1].items():
+        np.testing.assert_allclose(trained[True][1][name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert any(not np.array_equal(trained[True][1][name], start[name]) for name in start)  # the weights moved
+
+
 def test_kd_loss_matches_numpy():
     rng = np.random.default_rng(0)
     s, t = rng.normal(size=(2, 5, 11)) * 3, rng.normal(size=(2, 5, 11)) * 3
@@ -198,6 +216,10 @@ def test_killed_run_resumes_to_the_same_weights(pair, tmp_path, monkeypatch, kee
     for (k, a), b in zip(params(whole).items(), params(resumed).values()):
         np.testing.assert_array_equal(a, b, err_msg=str(k))
     assert [x.get("loss") for x in again["history"]] == [x.get("loss") for x in report["history"]]
+    # How a step is computed is not part of the run: with remat on, the finished run is found again.
+    _, same = heal(student(pair), ckpt.load_model(), tokens, dataclasses.replace(settings, remat=True),
+                   val_tokens=val, checkpoint_dir=tmp_path / "b", progress=False)
+    assert same["resumed_from_step"] == 6
     # Another run's settings or data do not continue this one (and leave the caller's model untouched).
     fresh = student(pair)
     with pytest.raises(UserError, match="holds a run with other settings"):
