@@ -6,11 +6,11 @@ Weights are stored ``[in, out]`` (``y = x @ W``). Every block takes its widths f
 - attention: ``q_proj [d, H*qk]``, ``k_proj [d, G*qk]``, ``v_proj [d, G*vo]``, ``o_proj [H*vo, d]``;
   RoPE frequencies per KV group are a buffer ``rope_freqs [G, qk/2]`` (the kept pairs' original frequencies);
   the softmax scale is ``1/sqrt(head_dim)`` of the original model, whatever ``qk`` is.
-- attention over a whole sequence (:meth:`Attention.__call__`) is exact but blockwise: the queries go in chunks
-  of :func:`query_chunk_rows` rows (float32 scores of one chunk within ``ATTENTION_CHUNK_BYTES``), one chunk
-  after another in a loop, each scored only against the keys the causal mask (and sliding window) lets it see,
-  with a plain softmax per chunk. So long calibration windows never hold ``[T, T]`` scores, and short sequences
-  are one chunk (the plain single-einsum attention). KV-cache decoding is :meth:`Attention.attend_cached`.
+- attention over a whole sequence (:meth:`Attention.__call__`) is exact but blockwise
+  (:func:`modegpt_jax.attention.causal_attention`): the queries go in chunks of :func:`query_chunk_rows` rows
+  (float32 scores of one chunk within ``ATTENTION_CHUNK_BYTES``), so long calibration windows never hold
+  ``[T, T]`` scores, short sequences are one chunk, and its backward pass keeps no scores either.
+  KV-cache decoding is :meth:`Attention.attend_cached`.
 - MLP: ``up [d, w]`` (and ``gate [d, w]`` for gated families), ``down [w, d]``.
 
 Blocks run through one jitted function, cached per block shape, so the 30 identical blocks of a dense
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from modegpt_jax.attention import causal_attention
 from modegpt_jax.config import LayerSpec, ModelConfig
 from modegpt_jax.rope import apply_rope, kept_pair_frequencies, rope_tables
 
@@ -130,21 +131,6 @@ class Attention(nnx.Module):
             return q, k
         return self.q_norm(q), self.k_norm(k)
 
-    def mask(self, T: int, attention_mask: jax.Array | None, rows: tuple[int, int] | None = None,
-             cols: tuple[int, int] | None = None) -> jax.Array:
-        """Boolean [B or 1, 1, 1, T, T]: causal, optionally windowed, optionally with padded keys removed.
-        ``rows``/``cols``: only the block of query rows ``[r0, r1)`` and key columns ``[c0, c1)`` of it."""
-        (r0, r1), (c0, c1) = rows or (0, T), cols or (0, T)
-        i = jnp.arange(r0, r1)[:, None]
-        j = jnp.arange(c0, c1)[None, :]
-        allowed = j <= i
-        if self.sliding_window is not None:
-            allowed &= j > i - self.sliding_window
-        allowed = allowed[None, None, None]
-        if attention_mask is not None:
-            allowed = allowed & attention_mask.astype(bool)[:, None, None, None, c0:c1]
-        return allowed
-
     def attend_cached(self, x: jax.Array, positions: jax.Array, keys: jax.Array, values: jax.Array,
                       start: jax.Array, key_mask: jax.Array,
                       qkv: tuple[jax.Array, jax.Array | None] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -217,34 +203,9 @@ class Attention(nnx.Module):
         if self.rope_freqs is not None:
             cos, sin = rope_tables(positions, self.rope_freqs[...])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Exact blockwise attention: query rows [r0, r1) can only see keys [c0, r1) (c0 = r0 - window + 1 with a
-        # sliding window), so each chunk scores just those and the masked causal half is never computed. Each row
-        # sees all its allowed keys within its chunk, so a plain softmax per chunk is exact (the dropped keys are
-        # masked ones, whose exp(min - max) is 0). A row with no allowed key (a left-padding query) averages its
-        # chunk's key range instead of all T keys: finite, and never used.
-        rows = query_chunk_rows(B, self.num_heads, T)
-        if rows == T:
-            out = self._attend_rows(q, k, v, attention_mask, 0, T)
-        else:
-            # One chunk per loop step, as a switch over the chunks' static shapes. Unrolled, the chunks are
-            # independent and XLA:CPU schedules them breadth-first (every chunk's scores first), all live at once.
-            def chunk(r0):
-                return lambda out: jax.lax.dynamic_update_slice_in_dim(
-                    out, self._attend_rows(q, k, v, attention_mask, r0, min(T, r0 + rows)), r0, axis=1)
-
-            branches = [chunk(r0) for r0 in range(0, T, rows)]
-            out = jnp.zeros((B, T, G, n, self.vo_dim), v.dtype)
-            out = jax.lax.fori_loop(0, len(branches), lambda i, out: jax.lax.switch(i, branches, out), out)
+        out = causal_attention(q, k, v, attention_mask, self.scale, self.sliding_window,
+                               query_chunk_rows(B, self.num_heads, T))
         return self.o_proj(out.reshape(B, T, self.num_heads * self.vo_dim))
-
-    def _attend_rows(self, q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax.Array | None,
-                     r0: int, r1: int) -> jax.Array:
-        """Attention output [B, r1 - r0, G, n, vo] of query rows ``[r0, r1)`` (post-RoPE ``q``, ``k``)."""
-        c0 = 0 if self.sliding_window is None else max(0, r0 - self.sliding_window + 1)
-        scores = jnp.einsum("btgnd,bsgd->bgnts", q[:, r0:r1], k[:, c0:r1]).astype(jnp.float32) * self.scale
-        allowed = self.mask(q.shape[1], attention_mask, (r0, r1), (c0, r1))
-        probs = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-        return jnp.einsum("bgnts,bsgd->btgnd", probs, v[:, c0:r1])
 
 
 class MLP(nnx.Module):

@@ -57,7 +57,7 @@ def force_chunk_rows(monkeypatch, rows, B, T):
 COMPRESSED = dict(qk=8, vo=12, rope_pairs=((0, 3, 5, 7), (1, 2, 4, 6)))  # GQA, qk != vo, kept RoPE pairs
 
 
-@pytest.mark.parametrize(
+CASES = pytest.mark.parametrize(
     ("variant", "rows", "pads"),  # T = 37; pads: left padding per batch row
     [
         (dict(), 37, None),  # one chunk: the single-einsum path
@@ -70,22 +70,76 @@ COMPRESSED = dict(qk=8, vo=12, rope_pairs=((0, 3, 5, 7), (1, 2, 4, 6)))  # GQA, 
         (dict(use_rope=False, vo=10), 8, (0, 9)),
     ],
 )
+
+
+def inputs(pads, B, T):
+    x = jax.random.normal(jax.random.key(1), (B, T, D))
+    if pads is None:
+        return x, None, jnp.broadcast_to(jnp.arange(T), (B, T))
+    mask = jnp.asarray(np.arange(T)[None, :] >= np.asarray(pads)[:, None], jnp.int32)
+    return x, mask, jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # real tokens count from 0
+
+
+@CASES
 def test_blockwise_equals_direct(monkeypatch, variant, rows, pads):
     B, T = 2, 37
     force_chunk_rows(monkeypatch, rows, B, T)
     attn = make_attention(**variant)
-    x = jax.random.normal(jax.random.key(1), (B, T, D))
-    if pads is None:
-        mask, positions = None, jnp.broadcast_to(jnp.arange(T), (B, T))
-    else:
-        mask = jnp.asarray(np.arange(T)[None, :] >= np.asarray(pads)[:, None], jnp.int32)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # real tokens count from 0
+    x, mask, positions = inputs(pads, B, T)
     got = np.asarray(jax.jit(lambda x, p, m: attn(x, p, m))(x, positions, mask))
     want = np.asarray(direct_attention(attn, x, positions, mask))
     assert np.isfinite(got).all()
     # Padded query rows see no key: finite, but averaged over a different key range (unused), so not compared.
     real = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
     np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=0)
+
+
+@CASES
+def test_blockwise_gradients_equal_the_direct_ones(monkeypatch, variant, rows, pads):
+    """The backward pass that recomputes the scores chunk by chunk gives autodiff's gradients of the direct
+    computation, for the inputs and every weight (padded query rows carry no loss: their outputs are unused)."""
+    B, T = 2, 37
+    force_chunk_rows(monkeypatch, rows, B, T)
+    attn = make_attention(**variant)
+    x, mask, positions = inputs(pads, B, T)
+    real = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
+    weights = jax.random.normal(jax.random.key(2), (B, T, D)) * real[:, :, None]
+    graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
+
+    def loss(run):
+        return jax.jit(jax.grad(lambda p, x: jnp.sum(weights * run(nnx.merge(graphdef, p, rest), x)), (0, 1)))
+
+    got = loss(lambda a, x: a(x, positions, mask))(params, x)
+    want = loss(lambda a, x: direct_attention(a, x, positions, mask))(params, x)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        assert np.abs(np.asarray(b)).max() > 0, path
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4, err_msg=str(path))
+
+
+def test_backward_pass_keeps_no_scores():
+    """What the forward pass saves for the backward pass has no [T, T] array (autodiff of the same forward code
+    keeps several per chunk: the control)."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from modegpt_jax import attention
+
+    B, T, n = 2, 48, H // G
+    q, k, v = (jax.random.normal(jax.random.key(i), shape) for i, shape in
+               enumerate([(B, T, G, n, 8), (B, T, G, 8), (B, T, G, 12)]))
+
+    def saved(fn):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), q, k, v)
+        return out.getvalue()
+
+    ours = saved(lambda q, k, v: attention.causal_attention(q, k, v, None, 0.25, None, 16))
+    plain = saved(lambda q, k, v: attention._forward(q, k, v, None, 0.25, None, T, False)[0])
+    assert f"{T},{T}]" in plain
+    assert f",{T}]" in ours and f"{T},{T}]" not in ours  # the per-row log-sum-exp [B, G, n, T], no scores
 
 
 def test_chunk_rows_rule():
