@@ -10,7 +10,10 @@ Backward (:func:`causal_attention` is a :func:`jax.custom_vjp`): differentiating
 scores, masks and probabilities of every chunk, ``[B, H, T, T]`` several times over, for every layer until its
 backward pass (3.4 GiB for SmolLM2's 30 layers at 4 x 512 tokens). Instead the forward pass keeps only its inputs,
 its output and the log-sum-exp of each row's scores ``[B, H, T]``; the backward pass recomputes one chunk's
-probabilities at a time from them (one more ``q k^T`` product) and accumulates the gradients of q, k and v.
+probabilities at a time from them (one more ``q k^T`` product) and accumulates the gradients of q, k and v. One
+chunk of the backward pass holds a few arrays of the chunk's scores' size at once (scores, probabilities and their
+gradients), so a few times ``ATTENTION_CHUNK_BYTES``. A row with no allowed key (whose output is never used) passes
+no gradient back.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def _bwd(scale, window, rows, residuals, g):
     def body(r0, r1, carry):
         dq, dk, dv = carry
         scores, allowed, c0 = _scores(q, k, attention_mask, scale, window, r0, r1)
-        probs = jnp.exp(scores - lse[..., r0:r1, None])
+        probs = jnp.where(allowed, jnp.exp(scores - lse[..., r0:r1, None]), 0.0)
         g_rows = g[:, r0:r1]
         dv = dv.at[:, c0:r1].add(jnp.einsum("bgnts,btgnd->bsgd", probs.astype(v.dtype), g_rows,
                                             preferred_element_type=jnp.float32))

@@ -363,9 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--output", required=True, help="directory for the healed model")
     he.add_argument("--teacher-cache", default=None, metavar="DIR",
                     help="compute the teacher's last hidden states on the training windows once, block by block, "
-                         "into DIR (about windows x seqlen x hidden x 4 bytes), then train with only its embeddings "
-                         "and head in memory; a later run on the same windows reuses DIR (default: the whole "
-                         "teacher in memory, run at every step)")
+                         "into DIR (windows x seqlen x hidden x 4 bytes; twice that while filling), then train with "
+                         "only its embeddings and head in memory; a later run on the same windows reuses DIR "
+                         "(default: the whole teacher in memory, run at every step)")
     he.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     he.add_argument("--data", default="wikipedia",
                     help="training text, as --calib-data of modegpt compress (default: the embedded calibration "

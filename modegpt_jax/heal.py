@@ -500,7 +500,8 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
             "data": digest(tokens),
             "validation": None if val_tokens is None else digest(np.asarray(val_tokens, np.int32)),
             "model": model.config.to_json(), "dtype": str(model.dtype),
-            "teacher": None if teacher is None else teacher.config.to_json()})
+            # without its blocks: a teacher cache hands heal a teacher without them (only its head is used)
+            "teacher": None if teacher is None else dataclasses.replace(teacher.config, layers=()).to_json()})
     cast = cast_weights(model, settings.param_dtype)
     if cast is not model:  # the master weights in param_dtype (the adapters follow their base kernels)
         nnx.update(model, nnx.state(cast, nnx.Param))

@@ -8,15 +8,18 @@ vocabulary). :func:`fill_teacher_cache` computes it block by block from the chec
 whole in memory (one block and one batch of windows at a time); a killed fill continues where it stopped, and a
 finished cache serves every later run on the same windows (a learning-rate sweep, a resumed run).
 
-Layout of the directory: ``meta.json`` (what the cache was computed from, its shape, how far the fill got) and
-float32 memory maps. The fill alternates between two buffers (stage ``s`` reads ``stage-{(s - 1) % 2}`` and writes
-``stage-{s % 2}``), so a batch redone after a crash reads the same input again; once finished, the result is
-renamed ``hidden.f32`` and the other buffer deleted.
+Layout of the directory: ``meta.json`` (what the cache was computed from, its shape, how many stages and windows
+the fill has done), float32 memory maps, and ``lock`` (held by the process filling it; another is refused). The
+fill alternates between two buffers (stage ``s`` reads ``stage-{(s - 1) % 2}`` and writes ``stage-{s % 2}``), so a
+batch redone after a crash reads the same input again; once finished, the result is renamed ``hidden.f32`` and the
+other buffer deleted. While filling, the directory holds two buffers of the cache's size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -56,7 +59,7 @@ class TeacherCache:
             raise UserError(f"teacher cache {self.directory} is a file, not a directory", argument="teacher_cache")
         meta_path = self.directory / "meta.json"
         if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
+            meta = self._read_meta()
             changed = sorted(k for k in set(fingerprint) | set(meta["fingerprint"])
                              if fingerprint.get(k) != meta["fingerprint"].get(k))
             if tuple(meta["shape"]) != self.shape:
@@ -71,7 +74,7 @@ class TeacherCache:
                             "an empty or new directory", argument="teacher_cache")
         else:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.meta = {"fingerprint": fingerprint, "shape": list(self.shape), "stage": 0, "batches": 0,
+            self.meta = {"fingerprint": fingerprint, "shape": list(self.shape), "stage": 0, "rows": 0,
                          "complete": False}
             self._save_meta()
 
@@ -84,13 +87,41 @@ class TeacherCache:
         """The finished cache, a read-only float32 memory map ``[windows, seqlen, hidden]``."""
         if not self.complete:
             raise ValueError(f"teacher cache {self.directory} is not filled yet")
-        return np.memmap(self.directory / "hidden.f32", np.float32, "r", shape=self.shape)
+        path = self.directory / "hidden.f32"
+        if not path.is_file() or path.stat().st_size != 4 * int(np.prod(self.shape)):
+            raise UserError(f"teacher cache {self.directory}: hidden.f32 is missing or of the wrong size; delete "
+                            "the directory", argument="teacher_cache")
+        return np.memmap(path, np.float32, "r", shape=self.shape)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive use of the directory while filling: a second process filling it at once is refused."""
+        with open(self.directory / "lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise UserError(f"teacher cache {self.directory} is being filled by another process: wait for it, "
+                                "or give another directory", argument="teacher_cache") from None
+            self.meta = self._read_meta()  # as the last process to hold the lock left it
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _buffer(self, parity: int, mode: str) -> np.memmap:
         path = self.directory / f"stage-{parity}.f32"
         if mode == "r+" and not path.exists():
             mode = "w+"
         return np.memmap(path, np.float32, mode, shape=self.shape)
+
+    def _read_meta(self) -> dict[str, Any]:
+        try:
+            meta = json.loads((self.directory / "meta.json").read_text())
+            meta["fingerprint"], meta["shape"], meta["stage"], meta["rows"], meta["complete"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"teacher cache {self.directory}: meta.json is unreadable or not this version's; "
+                            "delete the directory", argument="teacher_cache") from None
+        return meta
 
     def _save_meta(self) -> None:
         tmp = self.directory / "meta.json.tmp"
@@ -102,7 +133,7 @@ class TeacherCache:
         if last.exists():  # else renamed already, by a fill stopped just after
             os.replace(last, self.directory / "hidden.f32")
         (self.directory / f"stage-{stages % 2}.f32").unlink(missing_ok=True)
-        self.meta.update(complete=True, stage=stages, batches=0)
+        self.meta.update(complete=True, stage=stages, rows=0)
         self._save_meta()
 
 
@@ -117,36 +148,37 @@ def fill_teacher_cache(cache: TeacherCache, checkpoint, windows: np.ndarray, dty
     train step is one compiled program, whose fusions may round differently)."""
     from modegpt_jax.model import hidden_states, run_block
 
-    if cache.complete:
-        return
     windows = np.asarray(windows, np.int32)
     cfg = checkpoint.config
     if windows.shape != cache.shape[:2] or cfg.hidden_size != cache.shape[2]:
         raise ValueError(f"windows {windows.shape} and hidden size {cfg.hidden_size} do not match the cache's "
                          f"shape {cache.shape}")
-    stages = len(cfg.layers) + 1
-    starts = range(0, len(windows), batch_size)
-    top = checkpoint.load_shell(dataclasses.replace(cfg, layers=()), dtype)  # embeddings, final norm and head
-    bar = tqdm(total=stages * len(starts), initial=cache.meta["stage"] * len(starts) + cache.meta["batches"],
-               desc="teacher cache", unit="batch", disable=not progress)
-    for stage in range(cache.meta["stage"], stages):
-        source = None if stage == 0 else cache._buffer((stage - 1) % 2, "r")
-        target = cache._buffer(stage % 2, "r+")
-        block = None if stage == 0 else checkpoint.load_block(stage - 1, dtype)
-        for b in range(cache.meta["batches"], len(starts)):
-            rows = slice(starts[b], starts[b] + batch_size)
-            tokens = jnp.asarray(windows[rows])
-            if block is None:
-                h = hidden_states(top, tokens)  # no blocks: the embeddings
-            else:
-                h = run_block(block, jnp.asarray(source[rows]).astype(top.dtype), top.positions(tokens))
-            target[rows] = np.asarray(h, np.float32)
-            target.flush()
-            cache.meta["batches"] = b + 1
+    stages, N = len(cfg.layers) + 1, len(windows)
+    with cache.lock():
+        if cache.complete:
+            return
+        top = checkpoint.load_shell(dataclasses.replace(cfg, layers=()), dtype)  # embeddings, final norm and head
+        bar = tqdm(total=stages * N, initial=cache.meta["stage"] * N + cache.meta["rows"], desc="teacher cache",
+                   unit="window", disable=not progress)
+        for stage in range(cache.meta["stage"], stages):
+            source = None if stage == 0 else cache._buffer((stage - 1) % 2, "r")
+            target = cache._buffer(stage % 2, "r+")
+            block = None if stage == 0 else checkpoint.load_block(stage - 1, dtype)
+            # progress is counted in windows, so a run with another batch size continues where this one stopped
+            for r0 in range(cache.meta["rows"], N, batch_size):
+                rows = slice(r0, min(N, r0 + batch_size))
+                tokens = jnp.asarray(windows[rows])
+                if block is None:
+                    h = hidden_states(top, tokens)  # no blocks: the embeddings
+                else:
+                    h = run_block(block, jnp.asarray(source[rows]).astype(top.dtype), top.positions(tokens))
+                target[rows] = np.asarray(h, np.float32)
+                target.flush()
+                cache.meta["rows"] = rows.stop
+                cache._save_meta()
+                bar.update(rows.stop - r0)
+            cache.meta.update(stage=stage + 1, rows=0)
             cache._save_meta()
-            bar.update(1)
-        cache.meta.update(stage=stage + 1, batches=0)
-        cache._save_meta()
-        del block, source, target
-    bar.close()
-    cache._finish(stages)
+            del block, source, target
+        bar.close()
+        cache._finish(stages)

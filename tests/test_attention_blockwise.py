@@ -142,6 +142,26 @@ def test_backward_pass_keeps_no_scores():
     assert f",{T}]" in ours and f"{T},{T}]" not in ours  # the per-row log-sum-exp [B, G, n, T], no scores
 
 
+def test_bfloat16_gradients_follow_autodiff():
+    """bfloat16 inputs (heal's --dtype bfloat16): bfloat16 gradients close to autodiff of the same forward code."""
+    from modegpt_jax import attention
+
+    B, T, n = 2, 40, H // G
+    q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i, shape in
+               enumerate([(B, T, G, n, 8), (B, T, G, 8), (B, T, G, 12)]))
+    g = jax.random.normal(jax.random.key(9), (B, T, G, n, 12))
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(g * fn(q, k, v).astype(jnp.float32)), (0, 1, 2))(q, k, v)
+
+    ours = grads(lambda q, k, v: attention.causal_attention(q, k, v, None, 0.3, 7, 16))
+    plain = grads(lambda q, k, v: attention._forward(q, k, v, None, 0.3, 7, 16, False)[0])
+    for a, b in zip(ours, plain):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * np.abs(b).max())
+
+
 def test_chunk_rows_rule():
     assert M.query_chunk_rows(1, 4, 512) == 512  # short sequences: one chunk (the single-einsum path)
     rows = M.query_chunk_rows(8, 32, 4096)  # Llama-7B width, 8 x 4096 tokens

@@ -28,7 +28,7 @@ def test_filled_cache_holds_the_teachers_last_hidden_states(pair, tmp_path):
     windows = data(10, length=16)
     cache = cache_for(ckpt, tmp_path / "c", windows)
     fill_teacher_cache(cache, ckpt, windows, batch_size=4, progress=False)  # 4 + 4 + 2 windows
-    assert cache.complete and sorted(p.name for p in cache.directory.iterdir()) == ["hidden.f32", "meta.json"]
+    assert cache.complete and sorted(p.name for p in cache.directory.iterdir()) == ["hidden.f32", "lock", "meta.json"]
     expected = np.asarray(healing.trunk(ckpt.load_model(), windows))
     np.testing.assert_allclose(cache.hidden, expected, rtol=1e-5, atol=1e-5)
     assert np.abs(expected).max() > 0.1
@@ -53,11 +53,11 @@ def test_killed_fill_continues_to_the_same_states(pair, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fill_teacher_cache(killed, ckpt, windows, batch_size=4, progress=False)
     meta = json.loads((tmp_path / "killed" / "meta.json").read_text())
-    assert (meta["stage"], meta["batches"], meta["complete"]) == (2, 1, False)
+    assert (meta["stage"], meta["rows"], meta["complete"]) == (2, 4, False)
     monkeypatch.setattr(modeling, "run_block", real)
     again = cache_for(ckpt, tmp_path / "killed", windows)  # a new process opens the same directory
-    fill_teacher_cache(again, ckpt, windows, batch_size=4, progress=False)
-    np.testing.assert_array_equal(again.hidden, whole.hidden)
+    fill_teacher_cache(again, ckpt, windows, batch_size=3, progress=False)  # continues at window 4, 3 at a time
+    np.testing.assert_allclose(again.hidden, whole.hidden, rtol=1e-6, atol=1e-6)
 
 
 def test_a_cache_of_another_run_is_refused(pair, tmp_path):
@@ -74,6 +74,14 @@ def test_a_cache_of_another_run_is_refused(pair, tmp_path):
     with pytest.raises(UserError, match="non-empty directory without a cache"):
         cache_for(ckpt, tmp_path / "other", windows)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine" and cache.complete
+    # A second process filling the same directory at once is refused (the lock is held by the first).
+    other = cache_for(ckpt, tmp_path / "busy", windows)
+    with other.lock():
+        with pytest.raises(UserError, match="being filled by another process"):
+            fill_teacher_cache(cache_for(ckpt, tmp_path / "busy", windows), ckpt, windows, progress=False)
+    (tmp_path / "c" / "meta.json").write_text("{")
+    with pytest.raises(UserError, match="meta.json is unreadable"):
+        cache_for(ckpt, tmp_path / "c", windows)
 
 
 @pytest.mark.parametrize("loss", ["kd", "kd+lm"])
@@ -84,7 +92,8 @@ def test_training_on_the_cache_and_the_head_matches_the_whole_teacher(pair, tmp_
     fill_teacher_cache(cache, ckpt, windows, progress=False)
     head_only = ckpt.load_shell(dataclasses.replace(ckpt.config, layers=()))
     settings = HealSettings(steps=2, batch_size=4, lr=1e-4, warmup=0, loss=loss)
-    whole, expected = heal(student(pair), ckpt.load_model(), windows, settings, progress=False)
+    whole, expected = heal(student(pair), ckpt.load_model(), windows, settings, checkpoint_dir=tmp_path / "run",
+                           progress=False)
     cached, report = heal(student(pair), head_only, windows, settings, teacher_hidden=cache.hidden, progress=False)
     assert [x["loss"] for x in report["history"]] == pytest.approx([x["loss"] for x in expected["history"]],
                                                                    rel=1e-5)
@@ -92,6 +101,10 @@ def test_training_on_the_cache_and_the_head_matches_the_whole_teacher(pair, tmp_
     for name, value in params(whole).items():
         np.testing.assert_allclose(trained[name], value, rtol=1e-5, atol=1e-6, err_msg=str(name))
     assert any(not np.array_equal(trained[name], start[name]) for name in start)
+    # The run's checkpoints are found again with the cache (the teacher is the same, whether its blocks run or not).
+    _, resumed = heal(student(pair), head_only, windows, settings, teacher_hidden=cache.hidden,
+                      checkpoint_dir=tmp_path / "run", progress=False)
+    assert resumed["resumed_from_step"] == 2
     with pytest.raises(UserError, match="teacher_hidden has shape"):
         heal(student(pair), head_only, windows[:4], settings, teacher_hidden=cache.hidden, progress=False)
 
