@@ -15,6 +15,29 @@ def _isolated_cache(tmp_path_factory):
         os.environ["MODEGPT_CACHE"] = old
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drop the compiled programs after a test module once the process holds half its limit of memory maps. Every
+    XLA:CPU executable holds a few maps of its own; kept for the whole session, the suite's programs passed the
+    kernel's limit (vm.max_map_count, 65530 by default) and XLA crashed with a segmentation fault while compiling.
+    Below half the limit they stay, so later modules reuse them."""
+    yield
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            held = sum(1 for _ in f)
+    except OSError:  # not Linux
+        return
+    if held > limit // 2:
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M checkpoint (converted from GGUF once per session)."""
