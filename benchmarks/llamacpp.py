@@ -1,7 +1,7 @@
 """Compressed models in llama.cpp: file size, prompt and decoding speed, held-out perplexity, dense side by side.
 
     python benchmarks/llamacpp.py [--model smollm2-135m] [--ratio 0.3] [--types f16,q8_0,q4_0,q4_1]
-                                  [--threads 2] [--prompt 256] [--decode 128] [--repeats 5] [--ppl-windows 8]
+                                  [--threads 2] [--prompt 256] [--decode 128] [--repeats 9] [--ppl-windows 8]
                                   [--compressed NAME=DIR ...] [--json benchmarks/results/llamacpp.json]
 
 Unless ``--compressed`` names them, two compressed models are made first, each with
@@ -10,8 +10,11 @@ quantisation blocks): ``default`` (the default layout: key-query and value-outpu
 full head dimension in the file) and ``mlp-only`` (``--attention-scale 0``: nothing to pad). Each model, the dense one
 included, is written with ``modegpt export-gguf --type T`` for every type and run in llama.cpp (llama-cpp-python,
 ``--threads`` threads): prompt processing of ``--prompt`` tokens in one batch and decoding of ``--decode`` tokens one
-at a time (median of ``--repeats`` runs after a warm-up, same tokens for every file, from the held-out text), and perplexity on
-``--ppl-windows`` held-out windows of 512 tokens. Speed-ups are against the dense file of the same type.
+at a time, the same tokens of the held-out text for every file. The files of one type are loaded together and timed
+in turns (a warm-up run each, then ``--repeats`` rounds with one run of each file, in rotating order); a speed is
+the median over the rounds, a speed-up the median over the rounds of the ratio to the dense file's run of the same
+round (with its range over the rounds), so that a slow spell of the machine cancels out. Perplexity is measured on
+``--ppl-windows`` held-out windows of 512 tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +44,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--decode", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--ppl-windows", type=int, default=8)
     parser.add_argument("--compressed", nargs="*", default=None, metavar="NAME=DIR",
                         help="compressed directories to use instead of making them")
@@ -68,21 +72,23 @@ def main() -> None:
     windows = token_windows(tokens, 512, args.ppl_windows)
     rows = []
     for kind in args.types.split(","):
-        dense_decode = dense_prompt = None
-        for name, source in models.items():
-            path = work / f"{name.replace(' ', '_')}.{kind}.gguf"
+        paths = [work / f"{name.replace(' ', '_')}.{kind}.gguf" for name in models]
+        for source, path in zip(models.values(), paths):
             modegpt("export-gguf", "--model", source, "--output", str(path), "--type", kind)
-            fast = llamacpp.speed(path, prompt, decode, args.threads, args.repeats)
+        timed = llamacpp.speed(paths, prompt, decode, args.threads, args.repeats)
+        dense = timed[0]["rounds"]
+        for name, path, fast in zip(models, paths, timed):
             row = {"model": name, "type": kind, "mib": round(path.stat().st_size / 2**20, 1),
                    "prompt_tokens_per_s": round(fast["prompt_tokens_per_s"], 1),
                    "decode_tokens_per_s": round(fast["decode_tokens_per_s"], 1),
                    "heldout_perplexity": round(llamacpp.perplexity(path, windows, args.threads), 3)}
-            if name == "dense":
-                dense_prompt, dense_decode = row["prompt_tokens_per_s"], row["decode_tokens_per_s"]
-            row["prompt_speedup"] = round(row["prompt_tokens_per_s"] / dense_prompt, 3)
-            row["decode_speedup"] = round(row["decode_tokens_per_s"] / dense_decode, 3)
+            for i, what in enumerate(("prompt", "decode")):  # within each round, against the dense file's run
+                ratios = [mine[i] / theirs[i] for mine, theirs in zip(fast["rounds"], dense)]
+                row[f"{what}_speedup"] = round(statistics.median(ratios), 3)
+                row[f"{what}_speedup_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
             rows.append(row)
             print(json.dumps(row), flush=True)
+        for path in paths:
             path.unlink()
 
     import llama_cpp

@@ -32,6 +32,7 @@ tests/test_llamacpp.py): logits and greedy generation equal the JAX model's.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -182,18 +183,21 @@ def check_supported(config: ModelConfig) -> None:
         raise UserError(f"llama.cpp's {arch} architecture takes {limits}: compress with {flags} for a GGUF file")
     scaling = (config.rope_scaling or {}).get("rope_type")
     gemma = arch == "gemma3"
+    longrope = arch == "phi3" and scaling == "longrope"  # llama.cpp's own: both factor sets, the attention factor
     windows = {spec.sliding_window for spec in config.layers} - {None}
     activation = ACTIVATION.get(arch, "silu")
     unsupported = {
         "an output-projection bias": own and config.o_bias,
         f"RoPE scaling {scaling!r} in this architecture": own and config.rope_scaling is not None and not (
-            gemma and scaling == "linear"),
+            (gemma and scaling == "linear") or longrope),
         "MLP biases": config.mlp_bias,
         f"activation {config.activation!r}": config.activation != activation,
-        f"RoPE scaling {scaling!r}": scaling not in (None, "llama3", "linear"),
+        f"RoPE scaling {scaling!r}": scaling not in (None, "llama3", "linear") and not longrope,
         "sliding-window attention": bool(windows) and arch not in ("gemma3", "phi3"),
         "sliding windows of several sizes": len(windows) > 1,
-        "a non-default attention scale": config.attn_scale is not None and not gemma,
+        "a non-default attention scale": config.attn_scale is not None and not gemma and not (
+            longrope and math.isclose(config.attn_scale, config.rope_scaling["attention_factor"] ** 2
+                                      / math.sqrt(config.head_dim), rel_tol=1e-6)),
         "q/k norms, sandwich norms or scaled embeddings": not gemma and (
             (config.qk_norm and not own) or config.sandwich_norms or config.embed_scale is not None),
         "an embedding scale other than sqrt(hidden size)": gemma and (
@@ -244,6 +248,9 @@ def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
     factors = rope_frequency_factors(config) if architecture(config) in ("llama", "deci") else None
     if factors is not None:
         yield "rope_freqs.weight", factors
+    if (config.rope_scaling or {}).get("rope_type") == "longrope":  # (phi3: check_supported)
+        for length in ("long", "short"):
+            yield f"rope_factors_{length}.weight", np.asarray(config.rope_scaling[f"{length}_factor"], np.float32)
     for i, spec in enumerate(config.layers):
         yield from _layer_tensors(config, i, spec, get)
     yield "output_norm.weight", get("model.norm.weight") + (1.0 if config.norm == "rms_offset" else 0.0)
@@ -316,7 +323,10 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
     writer = gguf.GGUFWriter(str(partial), arch)
     writer.add_name(name or "modegpt-jax compressed model")
     writer.add_block_count(config.num_layers)
-    writer.add_context_length(config.max_position_embeddings)
+    longrope = config.rope_scaling if (config.rope_scaling or {}).get("rope_type") == "longrope" else None
+    # LongRoPE: the long length, and the original one up to which llama.cpp takes the short factors
+    writer.add_context_length(config.max_position_embeddings if longrope is None
+                              else longrope["max_position_embeddings"])
     writer.add_embedding_length(config.hidden_size)
     widths = [spec.mlp_width for spec in config.layers]
     writer.add_feed_forward_length(widths if arch == "deci" else widths[0])
@@ -326,7 +336,10 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
-    if config.rope_scaling is not None and arch not in ("llama", "deci"):  # those take it as rope_freqs
+    if longrope is not None:
+        writer.add_rope_scaling_orig_ctx_len(longrope["original_max_position_embeddings"])
+        writer.add_rope_scaling_attn_factors(longrope["attention_factor"])  # multiplies cos and sin, as ours
+    elif config.rope_scaling is not None and arch not in ("llama", "deci"):  # those take it as rope_freqs
         # gemma3 (check_supported: linear): the global layers' positions scaled, the sliding ones' not
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))

@@ -63,16 +63,19 @@ def greedy(path: str | Path, prompt: list[int], steps: int, threads: int = 2) ->
     return out
 
 
-def speed(path: str | Path, prompt: list[int], decode: list[int], threads: int = 2,
-          repeats: int = 3) -> dict[str, float]:
-    """Median tokens/s over ``repeats`` runs (after one untimed warm-up run) of prompt processing (``prompt`` in
-    one batch) and of decoding (``decode`` fed one token at a time after it: the work of generating them, without
-    the sampler)."""
+def speed(paths: list[str | Path], prompt: list[int], decode: list[int], threads: int = 2,
+          repeats: int = 3) -> list[dict[str, Any]]:
+    """Tokens/s of prompt processing (``prompt`` in one batch) and of decoding (``decode`` fed one token at a time
+    after it: the work of generating them, without the sampler) of each file in ``paths``, all loaded at once and
+    timed in turns: one untimed warm-up run each, then ``repeats`` rounds of one run each, in an order that rotates
+    from round to round, so that a slower spell of the machine falls on every file alike. Per file: the median
+    tokens/s, and every round's figures (``rounds``: (prompt, decode) tokens/s pairs) so that speed-ups can be taken
+    within a round."""
     import statistics
 
-    llm = load(path, n_ctx=len(prompt) + len(decode), threads=threads, logits_all=False)
-    runs = []
-    for _ in range(repeats + 1):
+    llms: list[Any] = []
+
+    def run(llm: Any) -> tuple[float, float]:
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
@@ -80,7 +83,19 @@ def speed(path: str | Path, prompt: list[int], decode: list[int], threads: int =
         for token in decode:
             llm.eval([token])
         end = time.perf_counter()
-        runs.append((len(prompt) / (middle - start), len(decode) / (end - middle)))
-    llm.close()
-    return {"prompt_tokens_per_s": statistics.median(r[0] for r in runs[1:]),
-            "decode_tokens_per_s": statistics.median(r[1] for r in runs[1:])}
+        return len(prompt) / (middle - start), len(decode) / (end - middle)
+
+    rounds: list[list[tuple[float, float]]] = [[] for _ in paths]
+    try:
+        for path in paths:
+            llms.append(load(path, n_ctx=len(prompt) + len(decode), threads=threads, logits_all=False))
+            run(llms[-1])  # warm-up
+        for r in range(repeats):
+            for k in range(len(llms)):
+                i = (r + k) % len(llms)
+                rounds[i].append(run(llms[i]))
+    finally:
+        for llm in llms:
+            llm.close()
+    return [{"prompt_tokens_per_s": statistics.median(x[0] for x in runs),
+             "decode_tokens_per_s": statistics.median(x[1] for x in runs), "rounds": runs} for runs in rounds]

@@ -24,7 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from modegpt_jax.errors import UserError
-from modegpt_jax.mesh import shard_batch, to_host
+from modegpt_jax.mesh import DATA, global_batch, to_host
 from modegpt_jax.model import Linear, Transformer
 from modegpt_jax.perplexity import perplexity, token_nll
 
@@ -456,6 +456,18 @@ class _Checkpoints:
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
+def check_run(settings: HealSettings, validating: bool, mesh: jax.sharding.Mesh | None) -> None:
+    """The refusals of :func:`heal` that need neither model nor data (so a caller can make them before long work:
+    filling a teacher cache, loading checkpoints)."""
+    if settings.keep_best and not validating:
+        raise UserError("keep_best needs validation windows to choose by", argument="keep_best")
+    if jax.process_count() > 1 and mesh is None:
+        raise UserError("a multi-process run trains on a mesh: pass one", argument="mesh")
+    if mesh is not None and settings.batch_size % mesh.shape[DATA]:
+        raise UserError(f"batch_size {settings.batch_size} must be a multiple of the mesh's data axis "
+                        f"({mesh.shape[DATA]})", argument=("batch_size", "mesh"))
+
+
 def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, settings: HealSettings, *,
          val_tokens: np.ndarray | None = None, checkpoint_dir: str | Path | None = None,
          mesh: jax.sharding.Mesh | None = None, progress: bool = True, teacher_hidden: np.ndarray | None = None
@@ -472,7 +484,8 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
     ``mesh``: train on it (:func:`modegpt_jax.mesh.make_mesh`): every micro-batch split over ``"data"``, weights
     and optimiser state split over ``"model"`` as :mod:`modegpt_jax.sharding` places them; the gradient
     reductions follow from those shardings. In a ``jax.distributed`` run every process calls this with the same
-    arguments (all the data) and feeds its share of each batch."""
+    arguments (all the data) and places the rows of each batch that its devices take, so a ``"model"`` axis may
+    span processes too."""
     settings.validate()
     if settings.loss != "lm" and teacher is None:
         raise UserError(f"loss {settings.loss!r} needs a teacher (the dense model)", argument="loss")
@@ -485,14 +498,7 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
         raise UserError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}, the windows and the teacher need "
                         f"{(*tokens.shape, teacher.config.hidden_size)}", argument="teacher_hidden")
     order = batch_order(len(tokens), settings)
-    if settings.keep_best and val_tokens is None:
-        raise UserError("keep_best needs validation windows to choose by", argument="keep_best")
-    processes = jax.process_count()
-    if processes > 1 and mesh is None:
-        raise UserError("a multi-process run trains on a mesh: pass one", argument="mesh")
-    if settings.batch_size % processes:
-        raise UserError(f"batch_size {settings.batch_size} must be a multiple of the {processes} processes",
-                        argument="batch_size")
+    check_run(settings, val_tokens is not None, mesh)
     checkpoints = None
     if checkpoint_dir is not None:  # refuses a directory of another run before the model is touched
         checkpoints = _Checkpoints(Path(checkpoint_dir), {
@@ -522,6 +528,10 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
     def validate_at(step: int) -> None:
         if val_tokens is not None:
             ppl = perplexity(model, np.asarray(val_tokens), progress=False, mesh=mesh)["perplexity"]
+            if jax.process_count() > 1:  # one value everywhere: keeping the best gathers weights, a collective
+                from jax.experimental import multihost_utils
+
+                ppl = float(multihost_utils.broadcast_one_to_all(np.float64(ppl)))
             history.append({"step": step, "validation_perplexity": ppl})
             if best is not None:
                 best.offer(step, ppl, model, wrt)
@@ -537,11 +547,9 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
             picked = order[step * settings.grad_accum + micro]
             rows = tokens[picked]
             teacher_h = None if teacher_hidden is None or settings.loss == "lm" else teacher_hidden[picked]
-            if mesh is not None:  # every process holds every row and feeds its own share of the batch
-                share = settings.batch_size // processes
-                mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
-                rows = shard_batch(rows[mine], mesh)
-                teacher_h = None if teacher_h is None else shard_batch(teacher_h[mine], mesh)
+            if mesh is not None:  # every process holds every row and places the ones its devices take
+                rows = global_batch(rows, mesh)
+                teacher_h = None if teacher_h is None else global_batch(teacher_h, mesh)
             losses.append(train_step(model, optimizer, rows, teacher, settings, teacher_h))
         row = {"step": step + 1, **{k: float(np.mean([x[k] for x in losses])) for k in losses[0]}}
         if not math.isfinite(row["loss"]):

@@ -7,7 +7,8 @@ Every mesh has the same two axes, in this order:
 
 Both axes always exist (unused ones have size 1), so a ``PartitionSpec`` naming either axis is valid on any mesh.
 The ``"model"`` axis is the inner one: the devices of one model group are neighbours in ``jax.devices()`` order,
-which on a multi-host run keeps them on one host.
+which on a multi-host run keeps them on one host when the ``"model"`` size divides a host's devices (compression
+needs that; recovery training also allows groups that span hosts).
 
 The same code runs on 1 CPU, on ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` simulated devices, on a
 GPU box and, after ``jax.distributed.initialize()``, on many processes.
@@ -34,6 +35,7 @@ __all__ = [
     "batch_sharding",
     "bytes_per_device",
     "compute_device",
+    "global_batch",
     "local_blocks",
     "make_mesh",
     "parse_mesh_spec",
@@ -162,6 +164,22 @@ def shard_batch(local_rows, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
             f"use a batch size{per_process} that is a multiple of {shards}"
         )
     return jax.make_array_from_process_local_data(batch_sharding(mesh, local_rows.ndim, batch_axis), local_rows)
+
+
+def global_batch(rows, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+    """Place a whole batch, the same on every process, on ``mesh``, split over ``"data"`` along ``batch_axis``:
+    each process copies to its own devices the rows they take, so any mesh layout works, a ``"model"`` group
+    spanning processes included (unlike :func:`shard_batch`, where each process brings different rows).
+
+    Raises:
+      UserError: the rows cannot be split evenly over the ``"data"`` axis.
+    """
+    rows = np.asarray(rows)
+    if rows.shape[batch_axis] % mesh.shape[DATA]:
+        raise UserError(f"a batch of {rows.shape[batch_axis]} rows cannot be split evenly over the mesh's "
+                        f"{mesh.shape[DATA]} data shards; use a batch size that is a multiple of {mesh.shape[DATA]}")
+    return jax.make_array_from_callback(rows.shape, batch_sharding(mesh, rows.ndim, batch_axis),
+                                        lambda index: rows[index])
 
 
 def replicate(value, mesh: Mesh) -> jax.Array:

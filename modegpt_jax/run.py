@@ -191,7 +191,7 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     from converters.hf_export import save_model
     from converters.hf_import import HFCheckpoint
     from modegpt_jax.calibration import calibration_tokens, load_calibration_text, sample_windows
-    from modegpt_jax.heal import heal
+    from modegpt_jax.heal import check_run, heal
     from modegpt_jax.perplexity import token_windows, tokenize
     from modegpt_jax.report import heal_plot
     from modegpt_jax.wikipedia import embedded_text
@@ -211,6 +211,7 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     if val_windows and str(data).strip().lower() == "wikipedia-validation":
         raise UserError("data wikipedia-validation is the text validation perplexity is measured on: train on "
                         "another text, or set val_windows to 0", argument=("data", "val_windows"))
+    check_run(settings, bool(val_windows), mesh)  # before the data, the teacher cache and the models
     if overwrite:
         shutil.rmtree(heal_dir(out), ignore_errors=True)
     start = time.perf_counter()
@@ -233,7 +234,7 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     val = (token_windows(tokenize(tokenizer, embedded_text("validation")), seqlen, val_windows)
            if val_windows else None)
     teacher_model = teacher_hidden = cache_report = None
-    if teacher_cache is not None and dense is not None and settings.loss != "lm":
+    if teacher_cache is not None and dense is not None:  # (refused above for loss lm)
         from modegpt_jax.heal import digest
         from modegpt_jax.teacher_cache import TeacherCache, checkpoint_identity, fill_teacher_cache
 

@@ -128,11 +128,13 @@ def test_unsupported_families_and_types_are_refused(tmp_path):
                       (dataclasses.replace(gemma, embed_scale=2.0), "embedding scale")):
         with pytest.raises(UserError, match=what):
             check_supported(bad)
-    # Phi-3: its own architecture, without LongRoPE (rope factor tensors not written yet), one MLP width
+    # Phi-3: its own architecture (LongRoPE included), one MLP width
     phi3 = HFCheckpoint(save_hf_model(make_hf_model("phi3"), tmp_path / "p")).config
     check_supported(phi3)
-    with pytest.raises(UserError, match="RoPE scaling 'longrope'"):
-        check_supported(HFCheckpoint(save_hf_model(make_hf_model("phi3_longrope"), tmp_path / "pl")).config)
+    longrope = HFCheckpoint(save_hf_model(make_hf_model("phi3_longrope"), tmp_path / "pl")).config
+    check_supported(longrope)  # llama.cpp's phi3 reads LongRoPE; its llama architecture does not
+    with pytest.raises(UserError, match="RoPE scaling 'longrope'.*a non-default attention scale"):
+        check_supported(dataclasses.replace(longrope, model_type="llama"))
     layers = list(phi3.layers)
     layers[0] = dataclasses.replace(layers[0], mlp_width=64)
     with pytest.raises(UserError, match="phi3 architecture takes one MLP width for all layers: compress with "

@@ -265,6 +265,14 @@ def test_bad_input_is_refused(pair, tmp_path):
         HealSettings(steps=4, warmup=10).validate()
     with pytest.raises(UserError, match="lora_targets nothing name no projection of this model"):
         add_lora(nnx.clone(pair[1]), ("nothing",))
+    two_data_shards = types.SimpleNamespace(shape={"data": 2, "model": 4})  # all that the checks read of a mesh
+    with pytest.raises(UserError, match=r"batch_size 3 must be a multiple of the mesh's data axis \(2\)"):
+        heal(student(pair), ckpt.load_model(), data(), HealSettings(steps=1, warmup=0, batch_size=3),
+             mesh=two_data_shards, progress=False)
+    from modegpt_jax.mesh import global_batch
+
+    with pytest.raises(UserError, match="a batch of 3 rows cannot be split evenly over the mesh's 2 data shards"):
+        global_batch(data()[:3], two_data_shards)
     with pytest.raises(UserError, match="data wikipedia-validation is the text validation perplexity"):
         heal_checkpoint("unused", "unused", tmp_path / "out", HealSettings(), data="wikipedia-validation")
     settings = HealSettings(steps=4, batch_size=4, lr=1e30, warmup=0, loss="lm", checkpoint_every=1, clip_norm=1e30)
@@ -323,8 +331,9 @@ def test_heal_command_writes_a_model_that_transformers_loads(tmp_path, smollm2, 
 
 
 def test_training_on_a_mesh_matches_one_device(pair, tmp_path):
-    """LoRA with accumulation and both losses, in fresh 8-device processes: the same weights as on one device
-    with batches split over data and weights over model."""
+    """Both losses with accumulation, keep-best and checkpoints, in fresh processes: the same weights as on one
+    device with batches split over data and weights over model (LoRA on 8 devices and on 2 processes, full
+    fine-tuning on 4 processes whose model groups span two processes each)."""
     mesh = "data=2,model=4"
     import subprocess
     import sys
@@ -335,28 +344,42 @@ def test_training_on_a_mesh_matches_one_device(pair, tmp_path):
     ckpt, compressed = pair
     student = save_model(compressed, tmp_path / "student", base_hf_config=ckpt.hf_config)
     results = {}
-    for spec in ("none", mesh):
-        out = tmp_path / f"{spec.replace(',', '_').replace('=', '')}.npz"
+    for spec, method in (("none", "lora"), (mesh, "lora"), ("none", "full")):
+        out = tmp_path / f"{spec.replace(',', '_').replace('=', '')}-{method}.npz"
         proc = subprocess.run([sys.executable, "-m", "tests.heal_worker", str(out), str(student),
-                               str(ckpt.directory), spec], cwd=REPO, env=env_with_devices(8), capture_output=True,
-                              text=True, timeout=600)
+                               str(ckpt.directory), spec, method], cwd=REPO, env=env_with_devices(8),
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[spec] = dict(np.load(out))
-    one, many = results["none"], results[mesh]
+        results[spec, method] = dict(np.load(out))
+        assert not results[spec, method].pop("model_spans_processes")
+    one, many = results["none", "lora"], results[mesh, "lora"]
     assert one.keys() == many.keys()
     for name in one:
         np.testing.assert_allclose(many[name], one[name], atol=2e-5, rtol=1e-4, err_msg=name)
     before = params(compressed)
-    changed = sum(not np.allclose(one[".".join(map(str, k))], v) for k, v in before.items())
-    assert changed > 0  # the comparison is of trained weights
+    for result in (one, results["none", "full"]):
+        changed = sum(not np.allclose(result[".".join(map(str, k))], v) for k, v in before.items())
+        assert changed > 0  # the comparisons are of trained weights
 
     # Two jax.distributed processes of 4 devices each, data across them and model within each: the same weights.
     from tests.processes import run_distributed
 
     out = tmp_path / "two_processes.npz"
-    run_distributed("tests.heal_worker", lambda port, i: [out, student, ckpt.directory, mesh, port, i, 2],
+    run_distributed("tests.heal_worker", lambda port, i: [out, student, ckpt.directory, mesh, "lora", port, i, 2],
                     processes=2, devices_per_process=4, timeout=600)
     two = dict(np.load(out))
     assert (tmp_path / "two_processes.npz.checkpoints").is_dir()  # orbax checkpoints written by both processes
+    assert not two.pop("model_spans_processes")
     for name in one:
         np.testing.assert_allclose(two[name], one[name], atol=2e-5, rtol=1e-4, err_msg=name)
+
+    # Four processes of 2 devices each on the same mesh: every model group of 4 spans two processes, so the trained
+    # weights (full fine-tuning) and their optimiser state are split across processes.
+    out = tmp_path / "four_processes.npz"
+    run_distributed("tests.heal_worker", lambda port, i: [out, student, ckpt.directory, mesh, "full", port, i, 4],
+                    processes=4, devices_per_process=2, timeout=600)
+    four, one = dict(np.load(out)), results["none", "full"]
+    assert four.pop("model_spans_processes")
+    assert four.keys() == one.keys()
+    for name in one:
+        np.testing.assert_allclose(four[name], one[name], atol=2e-5, rtol=1e-4, err_msg=name)

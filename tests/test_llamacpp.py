@@ -50,6 +50,14 @@ def tiny_hf(out, kind: str, vocab: int, qk_std: float | None = 0.1):
         config = transformers.Qwen3Config(**common, head_dim=16)
     elif kind == "phi3":  # its window is longer than the test's windows: llama.cpp runs Phi-3 without one
         config = transformers.Phi3Config(**common, sliding_window=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif kind == "phi3_longrope":  # short factors up to 256 positions, long factors past them, attention factor
+        # (llama.cpp rounds its context up to a multiple of 256 and picks the factors by that context)
+        config = transformers.Phi3Config(
+            **{**common, "max_position_embeddings": 2048}, original_max_position_embeddings=256, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, sliding_window=None,
+            rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                 short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.1],
+                                 long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]))
     elif kind == "gemma3":  # a softmax scale of its own, sliding windows (5) with their RoPE base, linear scaling
         config = transformers.Gemma3TextConfig(
             **common, head_dim=16, query_pre_attn_scalar=12, sliding_window=5,
@@ -66,7 +74,7 @@ def tiny_hf(out, kind: str, vocab: int, qk_std: float | None = 0.1):
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            if kind == "phi3" and qk_std is not None:  # one qkv_proj: its query and key rows
+            if kind.startswith("phi3") and qk_std is not None:  # one qkv_proj: its query and key rows
                 q_and_k = (config.num_attention_heads + config.num_key_value_heads) * 16
                 layer.self_attn.qkv_proj.weight[:q_and_k].normal_(0, qk_std)
                 continue
@@ -87,7 +95,8 @@ def tiny_hf(out, kind: str, vocab: int, qk_std: float | None = 0.1):
 @pytest.mark.parametrize("kind, allocation, arch", [("llama", "bi", "deci"), ("llama", "uniform", "llama"),
                                                     ("qwen2", "bi", "deci"), ("llama3", "uniform", "llama"),
                                                     ("qwen3", "uniform", "qwen3"),
-                                                    ("gemma3", "uniform", "gemma3"), ("phi3", "uniform", "phi3")])
+                                                    ("gemma3", "uniform", "gemma3"), ("phi3", "uniform", "phi3"),
+                                                    ("phi3_longrope", "uniform", "phi3")])
 def test_tiny_compressed_models_give_our_logits_in_llamacpp(smollm2, tmp_path, monkeypatch, kind, allocation, arch):
     ckpt = tiny_hf(tmp_path / kind, kind, smollm2.config.vocab_size)
     rng = np.random.default_rng(0)
@@ -106,6 +115,7 @@ def test_tiny_compressed_models_give_our_logits_in_llamacpp(smollm2, tmp_path, m
     info = write_gguf(model, tmp_path / "m.gguf", tokenizer_gguf=embedded_model_file("smollm2-135m"),
                       tensor_type="f32")
     assert info["architecture"] == arch and ("rope_freqs.weight" in info["tensor_types"]) == (kind == "llama3")
+    assert ("rope_factors_short.weight" in info["tensor_types"]) == (kind == "phi3_longrope")
     assert bool(info["notes"]) == (kind == "phi3")  # the window llama.cpp leaves out is said
     tokens = rng.integers(0, ckpt.config.vocab_size, (2, 100 if kind == "llama3" else 24))
     ours = np.asarray(model(tokens))
@@ -126,6 +136,30 @@ def test_tiny_compressed_models_give_our_logits_in_llamacpp(smollm2, tmp_path, m
         plain = write_gguf(model, tmp_path / "plain.gguf", tokenizer_gguf=embedded_model_file("smollm2-135m"),
                            tensor_type="f32")
         assert relative_error(ours, llamacpp.logits(plain["path"], tokens, kv_f32=True)) > 1e-2
+    if kind == "phi3_longrope":
+        # the factor tensors are what make it match: without them llama.cpp rotates at the plain frequencies
+        written = gguf_export.gguf_tensors
+        monkeypatch.setattr(gguf_export, "gguf_tensors", lambda m: ((name, array) for name, array in written(m)
+                                                                   if not name.startswith("rope_factors")))
+        plain = write_gguf(model, tmp_path / "plain.gguf", tokenizer_gguf=embedded_model_file("smollm2-135m"),
+                           tensor_type="f32")
+        assert relative_error(ours, llamacpp.logits(plain["path"], tokens, kv_f32=True)) > 1e-2
+        monkeypatch.undo()
+        # Past the original 256 positions transformers takes the long factors, and so does llama.cpp given a
+        # longer context: the dense model's file against transformers itself on 300 tokens.
+        import torch
+        import transformers
+
+        dense = write_gguf(ckpt.load_model(), tmp_path / "dense.gguf",
+                           tokenizer_gguf=embedded_model_file("smollm2-135m"), tensor_type="f32")
+        long_tokens = rng.integers(0, ckpt.config.vocab_size, (1, 300))
+        with torch.no_grad():
+            hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt.directory).eval()
+            reference = hf(torch.as_tensor(long_tokens)).logits.float().numpy()
+        theirs = llamacpp.logits(dense["path"], long_tokens, kv_f32=True)
+        assert relative_error(reference, theirs) <= 1e-4, relative_error(reference, theirs)
+        short = np.asarray(ckpt.load_model()(long_tokens))  # ours keeps the short factors: another model there
+        assert relative_error(reference, short) > 1e-2
 
 
 def test_qwen3_with_per_layer_widths_is_refused_with_the_settings_that_fit(smollm2, tmp_path):

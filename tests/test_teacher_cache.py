@@ -132,4 +132,7 @@ def test_heal_command_fills_the_cache_once_and_reuses_it(tmp_path, tiny_compress
     with pytest.raises(UserError, match="loss lm uses no teacher"):
         heal_checkpoint(compressed, dense, tmp_path / "x", dataclasses.replace(settings, loss="lm"),
                         teacher_cache=tmp_path / "cache", **kwargs)
-    assert not (tmp_path / "x").exists()
+    with pytest.raises(UserError, match="keep_best needs validation windows"):  # before a new cache is filled
+        heal_checkpoint(compressed, dense, tmp_path / "x", dataclasses.replace(settings, keep_best=True),
+                        teacher_cache=tmp_path / "new-cache", **kwargs)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "new-cache").exists()

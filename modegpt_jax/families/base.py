@@ -126,7 +126,8 @@ def _longrope(hf: dict[str, Any], scaling: dict[str, Any], dh: int) -> dict[str,
 
     ``transformers`` switches to ``long_factor`` once a sequence passes ``original_max_position_embeddings``;
     this decoder keeps the short factors, so a model's usable length is that original length (set as its
-    ``max_position_embeddings``)."""
+    ``max_position_embeddings``). The long factors and the long length are kept for GGUF files, where llama.cpp
+    picks the factors by the context size it is given."""
     original = scaling.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
     if original is None:
         raise UserError("longrope scaling needs 'original_max_position_embeddings' in the configuration")
@@ -138,7 +139,9 @@ def _longrope(hf: dict[str, Any], scaling: dict[str, Any], dh: int) -> dict[str,
     if attention_factor is None:
         attention_factor = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
     return {"rope_type": "longrope", "short_factor": [float(x) for x in scaling["short_factor"]],
-            "original_max_position_embeddings": int(original), "attention_factor": float(attention_factor)}
+            "long_factor": [float(x) for x in scaling["long_factor"]],
+            "original_max_position_embeddings": int(original), "attention_factor": float(attention_factor),
+            "max_position_embeddings": int(hf.get("max_position_embeddings") or original)}
 
 
 def head_dim(hf: dict[str, Any]) -> int:
