@@ -7,8 +7,8 @@
 
 The compressed model is made first with ``modegpt compress --model M --ratio R --output DIR`` (skipped when
 ``--compressed DIR`` is given). A budget of B minutes becomes a step count from the measured time of a training
-step (two warm-up steps, not counted), at most one pass over the training text, and each (method, budget) pair
-is one run of
+step (the median of four, after two that compile; checkpoints, validation and compilation of the run come on top),
+at most one pass over the training text, and each (method, budget) pair is one run of
     modegpt heal --model DIR --teacher M --output OUT --steps N --method METHOD ...
 through :func:`modegpt_jax.run.heal_checkpoint`, so the schedule (warmup, cosine decay) fits the budget as it would
 for a user. Every row reports held-out perplexity (the embedded held-out text, never trained or validated on) and
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,25 +51,25 @@ def piqa(model_dir: str | Path, limit: int | None) -> float | None:
 
 
 def step_seconds(compressed: str, teacher: str, args, method: str) -> float:
-    """Seconds per training step, from steps 3-4 of a short run (the first two compile)."""
+    """Seconds per training step: the median of steps 3-6 of a short run (the first two compile)."""
     from converters.hf_import import HFCheckpoint
     from modegpt_jax.calibration import calibration_windows
     from modegpt_jax.heal import HealSettings, add_lora, make_optimizer, train_step
 
     student, dense = HFCheckpoint(compressed), HFCheckpoint(teacher)
-    settings = HealSettings(steps=4, batch_size=args.batch_size, warmup=1, method=method, loss=args.loss,
+    settings = HealSettings(steps=6, batch_size=args.batch_size, warmup=1, method=method, loss=args.loss,
                             dtype=args.dtype, train_embeddings=args.train_embeddings)
-    tokens = calibration_windows(student.load_tokenizer(), "wikipedia", 4 * args.batch_size, args.seqlen, 0)
+    tokens = calibration_windows(student.load_tokenizer(), "wikipedia", 6 * args.batch_size, args.seqlen, 0)
     model, teacher_model = student.load_model(), dense.load_model()
     if method == "lora":
         add_lora(model)
     optimizer = make_optimizer(model, settings)
     times = []
-    for i in range(4):
+    for i in range(6):
         start = time.perf_counter()
         train_step(model, optimizer, tokens[i * args.batch_size:(i + 1) * args.batch_size], teacher_model, settings)
         times.append(time.perf_counter() - start)
-    return sum(times[2:]) / 2
+    return statistics.median(times[2:])
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ quantisation blocks): ``default`` (the default layout: key-query and value-outpu
 full head dimension in the file) and ``mlp-only`` (``--attention-scale 0``: nothing to pad). Each model, the dense one
 included, is written with ``modegpt export-gguf --type T`` for every type and run in llama.cpp (llama-cpp-python,
 ``--threads`` threads): prompt processing of ``--prompt`` tokens in one batch and decoding of ``--decode`` tokens one
-at a time, the same tokens of the held-out text for every file. The files of one type are loaded together and timed
-in turns (a warm-up run each, then ``--repeats`` rounds with one run of each file, in rotating order); a speed is
+at a time, the same tokens of the held-out text for every file. The files of one type are timed in turns
+(``--repeats`` rounds, each loading every file in rotating order for a warm-up run and a timed run); a speed is
 the median over the rounds, a speed-up the median over the rounds of the ratio to the dense file's run of the same
 round (with its range over the rounds), so that a slow spell of the machine cancels out. Perplexity is measured on
 ``--ppl-windows`` held-out windows of 512 tokens.
