@@ -126,10 +126,13 @@ def test_remat_steps_equal_the_plain_steps(pair, loss):
         optimizer = make_optimizer(model, settings)
         steps = [train_step(model, optimizer, batch, teacher, settings)["loss"] for _ in range(2)]
         trained[remat] = steps, params(model)
-    np.testing.assert_allclose(trained[True][0], trained[False][0], rtol=1e-5)
+    np.testing.assert_allclose(trained[True][0], trained[False][0], rtol=1e-4)
     start = params(student(pair))
+    # AdamW moves a weight by up to lr a step whatever its gradient's size, so float rounding in a tiny gradient
+    # can move it by a visible fraction of lr (2e-7 seen on one CPU): compared within 1 % of the two steps' reach.
     for name, value in trained[False][1].items():
-        np.testing.assert_allclose(trained[True][1][name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(trained[True][1][name], value, rtol=1e-5, atol=0.01 * 2 * settings.lr,
+                                   err_msg=name)
     assert any(not np.array_equal(trained[True][1][name], start[name]) for name in start)  # the weights moved
 
 
