@@ -183,7 +183,7 @@ def check_supported(config: ModelConfig) -> None:
         raise UserError(f"llama.cpp's {arch} architecture takes {limits}: compress with {flags} for a GGUF file")
     scaling = (config.rope_scaling or {}).get("rope_type")
     gemma = arch == "gemma3"
-    longrope = arch == "phi3" and scaling == "longrope"  # llama.cpp's own: both factor sets, the attention factor
+    longrope = arch == "phi3" and _longrope(config) is not None  # llama.cpp's: both factor sets, attention factor
     windows = {spec.sliding_window for spec in config.layers} - {None}
     activation = ACTIVATION.get(arch, "silu")
     unsupported = {
@@ -209,6 +209,11 @@ def check_supported(config: ModelConfig) -> None:
     found = [what for what, present in unsupported.items() if present]
     if found:
         raise UserError(f"GGUF export of this {config.model_type} model: {', '.join(found)} not supported yet")
+
+
+def _longrope(config: ModelConfig) -> dict | None:
+    """The LongRoPE scaling entry (both factor sets, the original and long lengths), else None."""
+    return config.rope_scaling if (config.rope_scaling or {}).get("rope_type") == "longrope" else None
 
 
 def rope_frequency_factors(config: ModelConfig) -> np.ndarray | None:
@@ -248,9 +253,9 @@ def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
     factors = rope_frequency_factors(config) if architecture(config) in ("llama", "deci") else None
     if factors is not None:
         yield "rope_freqs.weight", factors
-    if (config.rope_scaling or {}).get("rope_type") == "longrope":  # (phi3: check_supported)
-        for length in ("long", "short"):
-            yield f"rope_factors_{length}.weight", np.asarray(config.rope_scaling[f"{length}_factor"], np.float32)
+    longrope = _longrope(config)  # (phi3 only: check_supported)
+    for length in ("long", "short") if longrope is not None else ():
+        yield f"rope_factors_{length}.weight", np.asarray(longrope[f"{length}_factor"], np.float32)
     for i, spec in enumerate(config.layers):
         yield from _layer_tensors(config, i, spec, get)
     yield "output_norm.weight", get("model.norm.weight") + (1.0 if config.norm == "rms_offset" else 0.0)
@@ -323,7 +328,7 @@ def write_gguf(model, output: str | Path, *, tokenizer_gguf: str | Path | None =
     writer = gguf.GGUFWriter(str(partial), arch)
     writer.add_name(name or "modegpt-jax compressed model")
     writer.add_block_count(config.num_layers)
-    longrope = config.rope_scaling if (config.rope_scaling or {}).get("rope_type") == "longrope" else None
+    longrope = _longrope(config)
     # LongRoPE: the long length, and the original one up to which llama.cpp takes the short factors
     writer.add_context_length(config.max_position_embeddings if longrope is None
                               else longrope["max_position_embeddings"])

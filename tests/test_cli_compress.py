@@ -85,6 +85,7 @@ def test_compress_writes_a_directory_that_eval_reads(tiny_with_tokenizer, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+@pytest.mark.slow  # keeps `make test` within its time budget; CI runs it in `make test-slow`
 def test_saved_config_reproduces_the_run_and_the_command_line_wins(tiny_with_tokenizer, tmp_path):
     first = tmp_path / "first"
     args = ("--model", str(tiny_with_tokenizer), "--calib-samples", "4", "--calib-seqlen", "32")
@@ -171,6 +172,7 @@ def test_eight_devices_give_the_same_compressed_model(tiny_with_tokenizer, tmp_p
                 assert a["errors"][key] == pytest.approx(b["errors"][key], rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.slow  # keeps `make test` within its time budget; CI runs it in `make test-slow`
 def test_two_processes_give_the_same_compressed_model(tiny_with_tokenizer, tmp_path):
     """`modegpt compress` as two jax.distributed processes (gloo on CPU) matches one process."""
     import socket

@@ -151,6 +151,7 @@ def test_exported_config_names_no_path_of_the_source(tmp_path):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow  # keeps `make test` within its time budget; CI runs it in `make test-slow`
 def test_embedded_smollm2_export_loads_generates_and_matches(smollm2, smollm2_compressed, tmp_path):
     from converters.hf_export import save_model as save
 
@@ -159,7 +160,10 @@ def test_embedded_smollm2_export_loads_generates_and_matches(smollm2, smollm2_co
     out = save(model, tmp_path / "export", base_hf_config=smollm2.hf_config, tokenizer_dir=smollm2.directory)
     text = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     result, logits = load_in_clean_process(out, np.asarray([text]), tmp_path)
-    np.testing.assert_allclose(logits, np.asarray(model(np.asarray([text]))), atol=1e-4, rtol=0)
+    ours = np.asarray(model(np.asarray([text])))
+    # float32 sums in another order (XLA's and PyTorch's CPU kernels, which differ between CPUs) drift through 30
+    # layers: one CPU gave 1.5e-3 on logits up to 16 (1e-4 of their range). A wrong weight moves them by units.
+    np.testing.assert_allclose(logits, ours, atol=2e-4 * np.abs(ours).max(), rtol=0)
     assert result["params"] == report["params_after"] < 134_515_008
     assert result["generate_equals_greedy"]
     assert result["text_ids"] == text  # AutoTokenizer loads the copied tokenizer

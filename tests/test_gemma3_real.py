@@ -8,7 +8,8 @@ from modegpt_jax.perplexity import tokenize, token_windows
 from modegpt_jax.wikipedia import embedded_text
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.real_model
+# Slow: loading the real model takes a minute; CI runs these in `make test-slow`.
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,6 @@ def test_logits_and_perplexity_match_transformers(gemma3):
     assert abs(np.exp(nll[0]) / np.exp(nll[1]) - 1) < 1e-3, nll
 
 
-@pytest.mark.slow  # about 2 minutes: keeps `make test` within its time budget; CI runs it in `make test-slow`
 def test_compressed_export_loads_in_transformers_and_generates(gemma3, tmp_path):
     """The real model compressed with key-query under its q/k norms (per-head norms, the remote-code export)."""
     from converters.hf_export import save_model
@@ -72,7 +72,6 @@ def test_compressed_export_loads_in_transformers_and_generates(gemma3, tmp_path)
     np.testing.assert_allclose(logits, np.asarray(model(ids)), atol=2e-4, rtol=0)
 
 
-@pytest.mark.slow  # about 2.5 minutes: a compression of the real model, then llama.cpp
 def test_uniform_compression_runs_in_llamacpp(gemma3, tmp_path):
     """Compressed with one MLP width and key-query whole (what llama.cpp's gemma3 architecture holds), value-output
     compressed and padded back: the GGUF gives our logits in llama.cpp and continues the text as we do."""
@@ -97,8 +96,9 @@ def test_uniform_compression_runs_in_llamacpp(gemma3, tmp_path):
                           "in Paris. It was designed by")["input_ids"]])
     ours = np.asarray(model(ids))
     theirs = llamacpp.logits(info["path"], ids, kv_f32=True)
-    # within 1e-3 of the logit scale; llama.cpp's CPU GELU (a float16 table) is most of what differs
-    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(ours).max(), np.abs(ours - theirs).max()
+    # within 2e-3 of the logit scale (the AVX2 build `make` installs gave 1.03e-3, a native build under 1e-3);
+    # llama.cpp's CPU GELU (a float16 table) is most of what differs. A wrong tensor moves logits by units.
+    assert np.abs(ours - theirs).max() <= 2e-3 * np.abs(ours).max(), np.abs(ours - theirs).max()
     steps = 12
     expected = np.asarray(generate(model, ids, steps))[0, ids.shape[1]:].tolist()
     assert llamacpp.greedy(info["path"], ids[0].tolist(), steps) == expected

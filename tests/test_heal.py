@@ -190,7 +190,7 @@ def test_full_fine_tuning_trains_the_embeddings_only_when_asked(pair, train_embe
     assert not ({"embed_tokens", "lm_head"} & changed) or train_embeddings
 
 
-@pytest.mark.parametrize("keep_best", [False, True])
+@pytest.mark.parametrize("keep_best", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_killed_run_resumes_to_the_same_weights(pair, tmp_path, monkeypatch, keep_best):
     ckpt, _ = pair
     settings = HealSettings(steps=6, batch_size=2, grad_accum=2, lr=3e-3, warmup=1, checkpoint_every=2,
@@ -333,11 +333,11 @@ def test_heal_command_writes_a_model_that_transformers_loads(tmp_path, smollm2, 
     assert not (tmp_path / "x").exists()
 
 
-def test_training_on_a_mesh_matches_one_device(pair, tmp_path):
-    """Both losses with accumulation, keep-best and checkpoints, in fresh processes: the same weights as on one
-    device with batches split over data and weights over model (LoRA on 8 devices and on 2 processes, full
-    fine-tuning on 4 processes whose model groups span two processes each)."""
-    mesh = "data=2,model=4"
+MESH = "data=2,model=4"
+
+
+def mesh_run(pair, tmp_path, spec: str, method: str) -> dict:
+    """The trained weights of ``tests.heal_worker`` in a fresh process of 8 devices on mesh ``spec``."""
     import subprocess
     import sys
 
@@ -345,44 +345,60 @@ def test_training_on_a_mesh_matches_one_device(pair, tmp_path):
     from tests.processes import REPO, env_with_devices
 
     ckpt, compressed = pair
-    student = save_model(compressed, tmp_path / "student", base_hf_config=ckpt.hf_config)
-    results = {}
-    for spec, method in (("none", "lora"), (mesh, "lora"), ("none", "full")):
-        out = tmp_path / f"{spec.replace(',', '_').replace('=', '')}-{method}.npz"
-        proc = subprocess.run([sys.executable, "-m", "tests.heal_worker", str(out), str(student),
-                               str(ckpt.directory), spec, method], cwd=REPO, env=env_with_devices(8),
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[spec, method] = dict(np.load(out))
-        assert not results[spec, method].pop("model_spans_processes")
-    one, many = results["none", "lora"], results[mesh, "lora"]
-    assert one.keys() == many.keys()
-    for name in one:
-        np.testing.assert_allclose(many[name], one[name], atol=2e-5, rtol=1e-4, err_msg=name)
-    before = params(compressed)
-    for result in (one, results["none", "full"]):
-        changed = sum(not np.allclose(result[".".join(map(str, k))], v) for k, v in before.items())
-        assert changed > 0  # the comparisons are of trained weights
+    student = tmp_path / "student"
+    if not student.exists():
+        save_model(compressed, student, base_hf_config=ckpt.hf_config)
+    out = tmp_path / f"{spec.replace(',', '_').replace('=', '')}-{method}.npz"
+    proc = subprocess.run([sys.executable, "-m", "tests.heal_worker", str(out), str(student), str(ckpt.directory),
+                           spec, method], cwd=REPO, env=env_with_devices(8), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = dict(np.load(out))
+    assert not result.pop("model_spans_processes")
+    changed = sum(not np.allclose(result[".".join(map(str, k))], v) for k, v in params(compressed).items())
+    assert changed > 0  # the comparisons are of trained weights
+    return result
 
-    # Two jax.distributed processes of 4 devices each, data across them and model within each: the same weights.
+
+def assert_same_weights(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=1e-4, err_msg=name)
+
+
+def test_training_on_a_mesh_matches_one_device(pair, tmp_path):
+    """Both losses with accumulation, keep-best and checkpoints, in fresh processes: LoRA with batches split over data
+    and weights over model, on 8 devices and on 2 processes, gives the same weights as on one device."""
     from tests.processes import run_distributed
 
+    ckpt, _ = pair
+    one = mesh_run(pair, tmp_path, "none", "lora")
+    assert_same_weights(mesh_run(pair, tmp_path, MESH, "lora"), one)
+
+    # Two jax.distributed processes of 4 devices each, data across them and model within each: the same weights.
     out = tmp_path / "two_processes.npz"
-    run_distributed("tests.heal_worker", lambda port, i: [out, student, ckpt.directory, mesh, "lora", port, i, 2],
+    run_distributed("tests.heal_worker",
+                    lambda port, i: [out, tmp_path / "student", ckpt.directory, MESH, "lora", port, i, 2],
                     processes=2, devices_per_process=4, timeout=600)
     two = dict(np.load(out))
     assert (tmp_path / "two_processes.npz.checkpoints").is_dir()  # orbax checkpoints written by both processes
     assert not two.pop("model_spans_processes")
-    for name in one:
-        np.testing.assert_allclose(two[name], one[name], atol=2e-5, rtol=1e-4, err_msg=name)
+    assert_same_weights(two, one)
 
-    # Four processes of 2 devices each on the same mesh: every model group of 4 spans two processes, so the trained
-    # weights (full fine-tuning) and their optimiser state are split across processes.
+
+@pytest.mark.slow
+def test_model_groups_spanning_processes_match_one_device(pair, tmp_path):
+    """Four processes of 2 devices each on the mesh data=2,model=4: every model group spans two processes, so the
+    trained weights (full fine-tuning) and their optimiser state are split across processes; the same weights as
+    full fine-tuning on one device."""
+    from tests.processes import run_distributed
+
+    ckpt, _ = pair
+    one = mesh_run(pair, tmp_path, "none", "full")
     out = tmp_path / "four_processes.npz"
-    run_distributed("tests.heal_worker", lambda port, i: [out, student, ckpt.directory, mesh, "full", port, i, 4],
+    run_distributed("tests.heal_worker",
+                    lambda port, i: [out, tmp_path / "student", ckpt.directory, MESH, "full", port, i, 4],
                     processes=4, devices_per_process=2, timeout=600)
-    four, one = dict(np.load(out)), results["none", "full"]
+    four = dict(np.load(out))
     assert four.pop("model_spans_processes")
-    assert four.keys() == one.keys()
-    for name in one:
-        np.testing.assert_allclose(four[name], one[name], atol=2e-5, rtol=1e-4, err_msg=name)
+    assert_same_weights(four, one)

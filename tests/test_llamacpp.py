@@ -207,6 +207,7 @@ def smollm2_files(smollm2, smollm2_compressed, tmp_path_factory):
     return model, smollm2.load_tokenizer(), files
 
 
+@pytest.mark.slow  # with the next: a compression of the real model; CI runs them in `make test-slow`
 def test_compressed_smollm2_runs_in_llamacpp(smollm2_files):
     from modegpt_jax.decoding import generate
 
@@ -220,6 +221,7 @@ def test_compressed_smollm2_runs_in_llamacpp(smollm2_files):
     assert theirs == ours, (tokenizer.decode(theirs), tokenizer.decode(ours))
 
 
+@pytest.mark.slow
 def test_quantised_smollm2_files_keep_the_perplexity(smollm2_files):
     """Held-out perplexity of the f32, q8_0 and q4_1 files in llama.cpp (printed): f32 is the JAX figure, q8_0
     within 1 %, q4_1 within 25 %."""

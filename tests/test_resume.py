@@ -45,6 +45,7 @@ def deterministic_files(directory):
     return files, report, config
 
 
+@pytest.mark.slow  # keeps `make test` within its time budget; CI runs it in `make test-slow`
 def test_kill_and_resume_gives_the_same_output(tiny, tmp_path):
     reference = tmp_path / "reference"
     subprocess.run(compress_cmd(tiny, reference), check=True, capture_output=True, timeout=600)

@@ -48,6 +48,7 @@ def checkpoints(tmp_path_factory):
     return {n: checkpoint(root / f"l{n}", n) for n in (4, 12)}
 
 
+@pytest.mark.slow  # keeps `make test` within its time budget; CI runs it in `make test-slow`
 def test_memory_does_not_grow_with_depth(checkpoints, tmp_path, monkeypatch):
     written = []
     real_arrays = staging.block_arrays
