@@ -148,6 +148,7 @@ def test_bad_mesh(tiny_with_tokenizer, tmp_path):
     assert_user_error(proc, "mesh")
 
 
+@pytest.mark.slow  # keeps `make test` within its time budget; CI runs it in `make test-slow`
 def test_eight_devices_give_the_same_compressed_model(tiny_with_tokenizer, tmp_path):
     """The whole pipeline on 8 simulated CPU devices (data=8 and data=4,model=2) matches 1 device."""
     import os

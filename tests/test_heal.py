@@ -115,7 +115,7 @@ def test_chunked_losses_equal_the_losses_of_whole_logits(pair, loss):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss", ["kd", "lm"])
+@pytest.mark.parametrize("loss", [pytest.param("kd", marks=pytest.mark.slow), "lm"])
 def test_remat_steps_equal_the_plain_steps(pair, loss):
     """Recomputing each block's activations in the backward pass changes the memory, not the training."""
     ckpt, _ = pair

@@ -84,7 +84,7 @@ def test_a_cache_of_another_run_is_refused(pair, tmp_path):
         cache_for(ckpt, tmp_path / "c", windows)
 
 
-@pytest.mark.parametrize("loss", ["kd", "kd+lm"])
+@pytest.mark.parametrize("loss", ["kd", pytest.param("kd+lm", marks=pytest.mark.slow)])
 def test_training_on_the_cache_and_the_head_matches_the_whole_teacher(pair, tmp_path, loss):
     ckpt, _ = pair
     windows = data(8, length=16)
