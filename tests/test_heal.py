@@ -336,28 +336,40 @@ def test_heal_command_writes_a_model_that_transformers_loads(tmp_path, smollm2, 
 MESH = "data=2,model=4"
 
 
-def mesh_run(pair, tmp_path, spec: str, method: str) -> dict:
-    """The trained weights of ``tests.heal_worker`` in a fresh process of 8 devices on mesh ``spec``."""
-    import subprocess
-    import sys
-
+def student_dir(pair, tmp_path):
+    """The compressed student saved as a Hugging Face directory under ``tmp_path`` (written once)."""
     from converters.hf_export import save_model
-    from tests.processes import REPO, env_with_devices
 
     ckpt, compressed = pair
     student = tmp_path / "student"
     if not student.exists():
         save_model(compressed, student, base_hf_config=ckpt.hf_config)
-    out = tmp_path / f"{spec.replace(',', '_').replace('=', '')}-{method}.npz"
-    proc = subprocess.run([sys.executable, "-m", "tests.heal_worker", str(out), str(student), str(ckpt.directory),
-                           spec, method], cwd=REPO, env=env_with_devices(8), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    return student
+
+
+def worker_weights(pair, tmp_path, spec: str, method: str, processes: int = 1) -> tuple[dict, bool]:
+    """The trained weights of ``tests.heal_worker`` on mesh ``spec`` (8 devices in all: one fresh process, or
+    ``processes`` jax.distributed ones), and whether a model group spanned processes."""
+    import subprocess
+    import sys
+
+    from tests.processes import REPO, env_with_devices, run_distributed
+
+    ckpt, compressed = pair
+    out = tmp_path / f"{spec.replace(',', '_').replace('=', '')}-{method}-{processes}.npz"
+    args = [out, student_dir(pair, tmp_path), ckpt.directory, spec, method]
+    if processes == 1:
+        proc = subprocess.run([sys.executable, "-m", "tests.heal_worker", *map(str, args)], cwd=REPO,
+                              env=env_with_devices(8), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        run_distributed("tests.heal_worker", lambda port, i: [*args, port, i, processes], processes=processes,
+                        devices_per_process=8 // processes, timeout=600)
     result = dict(np.load(out))
-    assert not result.pop("model_spans_processes")
+    spans = bool(result.pop("model_spans_processes"))
     changed = sum(not np.allclose(result[".".join(map(str, k))], v) for k, v in params(compressed).items())
     assert changed > 0  # the comparisons are of trained weights
-    return result
+    return result, spans
 
 
 def assert_same_weights(got: dict, want: dict):
@@ -369,20 +381,15 @@ def assert_same_weights(got: dict, want: dict):
 def test_training_on_a_mesh_matches_one_device(pair, tmp_path):
     """Both losses with accumulation, keep-best and checkpoints, in fresh processes: LoRA with batches split over data
     and weights over model, on 8 devices and on 2 processes, gives the same weights as on one device."""
-    from tests.processes import run_distributed
-
-    ckpt, _ = pair
-    one = mesh_run(pair, tmp_path, "none", "lora")
-    assert_same_weights(mesh_run(pair, tmp_path, MESH, "lora"), one)
+    one, _ = worker_weights(pair, tmp_path, "none", "lora")
+    many, spans = worker_weights(pair, tmp_path, MESH, "lora")
+    assert not spans
+    assert_same_weights(many, one)
 
     # Two jax.distributed processes of 4 devices each, data across them and model within each: the same weights.
-    out = tmp_path / "two_processes.npz"
-    run_distributed("tests.heal_worker",
-                    lambda port, i: [out, tmp_path / "student", ckpt.directory, MESH, "lora", port, i, 2],
-                    processes=2, devices_per_process=4, timeout=600)
-    two = dict(np.load(out))
-    assert (tmp_path / "two_processes.npz.checkpoints").is_dir()  # orbax checkpoints written by both processes
-    assert not two.pop("model_spans_processes")
+    two, spans = worker_weights(pair, tmp_path, MESH, "lora", processes=2)
+    assert not spans
+    assert (tmp_path / "data2_model4-lora-2.npz.checkpoints").is_dir()  # orbax checkpoints written by both
     assert_same_weights(two, one)
 
 
@@ -391,14 +398,7 @@ def test_model_groups_spanning_processes_match_one_device(pair, tmp_path):
     """Four processes of 2 devices each on the mesh data=2,model=4: every model group spans two processes, so the
     trained weights (full fine-tuning) and their optimiser state are split across processes; the same weights as
     full fine-tuning on one device."""
-    from tests.processes import run_distributed
-
-    ckpt, _ = pair
-    one = mesh_run(pair, tmp_path, "none", "full")
-    out = tmp_path / "four_processes.npz"
-    run_distributed("tests.heal_worker",
-                    lambda port, i: [out, tmp_path / "student", ckpt.directory, MESH, "full", port, i, 4],
-                    processes=4, devices_per_process=2, timeout=600)
-    four = dict(np.load(out))
-    assert four.pop("model_spans_processes")
+    one, _ = worker_weights(pair, tmp_path, "none", "full")
+    four, spans = worker_weights(pair, tmp_path, MESH, "full", processes=4)
+    assert spans
     assert_same_weights(four, one)
