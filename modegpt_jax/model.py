@@ -9,7 +9,9 @@ Weights are stored ``[in, out]`` (``y = x @ W``). Every block takes its widths f
 - attention over a whole sequence (:meth:`Attention.__call__`) is exact but blockwise
   (:func:`modegpt_jax.attention.causal_attention`): the queries go in chunks of :func:`query_chunk_rows` rows
   (float32 scores of one chunk within ``ATTENTION_CHUNK_BYTES``), so long calibration windows never hold
-  ``[T, T]`` scores, short sequences are one chunk, and its backward pass keeps no scores either.
+  ``[T, T]`` scores, each chunk skips the keys the causal mask hides from all its rows (about half the work of
+  one ``[T, T]`` product), sequences of at most ``ATTENTION_MIN_ROWS`` are one chunk, and its backward pass keeps
+  no scores either.
   KV-cache decoding is :meth:`Attention.attend_cached`.
 - MLP: ``up [d, w]`` (and ``gate [d, w]`` for gated families), ``down [w, d]``.
 
@@ -88,13 +90,22 @@ class Norm(nnx.Module):
 #: Byte budget of one query chunk's float32 scores ``[B, G, n, rows, T]`` in :meth:`Attention.__call__`. The
 #: compiled attention's scratch memory is a small multiple of it (scores, masked scores/exponentials, probs).
 ATTENTION_CHUNK_BYTES = 256 * 2**20
+#: Causal chunking: a chunk of query rows scores only the keys up to its last row, so ``c`` chunks do about
+#: ``(c + 1) / 2c`` of the ``T x T`` work of one. Chunks have at least ``ATTENTION_MIN_ROWS`` rows (smaller ones
+#: multiply cheap work and compiled branches) and there are at most about ``ATTENTION_CHUNKS`` of them (each is a
+#: branch the compiler builds, forward and backward).
+ATTENTION_MIN_ROWS = 128
+ATTENTION_CHUNKS = 16
 
 
 def query_chunk_rows(batch: int, heads: int, T: int) -> int:
-    """Query rows per attention chunk: as many as fit ``ATTENTION_CHUNK_BYTES`` of float32 scores against all
-    ``T`` keys (an upper bound on any chunk's key range), at least 1, at most ``T`` (then one chunk).
+    """Query rows per attention chunk: ``T / ATTENTION_CHUNKS`` rows but at least ``ATTENTION_MIN_ROWS`` (so
+    ``T <= ATTENTION_MIN_ROWS`` is one chunk), and no more than fit ``ATTENTION_CHUNK_BYTES`` of float32 scores
+    against all ``T`` keys (an upper bound on any chunk's key range); at least 1, at most ``T``.
     Read at trace time, so a jitted function keeps the value it was compiled with."""
-    return int(min(T, max(1, ATTENTION_CHUNK_BYTES // (batch * heads * T * 4))))
+    causal = max(ATTENTION_MIN_ROWS, -(-T // ATTENTION_CHUNKS))
+    fit = max(1, ATTENTION_CHUNK_BYTES // (batch * heads * T * 4))
+    return int(min(T, causal, fit))
 
 
 class Attention(nnx.Module):

@@ -51,6 +51,7 @@ def direct_attention(attn, x, positions, attention_mask):
 
 def force_chunk_rows(monkeypatch, rows, B, T):
     monkeypatch.setattr(M, "ATTENTION_CHUNK_BYTES", B * H * T * 4 * rows)
+    monkeypatch.setattr(M, "ATTENTION_CHUNKS", 1)  # rows from the byte budget alone
     assert M.query_chunk_rows(B, H, T) == rows
 
 
@@ -163,7 +164,10 @@ def test_bfloat16_gradients_follow_autodiff():
 
 
 def test_chunk_rows_rule():
-    assert M.query_chunk_rows(1, 4, 512) == 512  # short sequences: one chunk (the single-einsum path)
+    assert M.query_chunk_rows(1, 4, M.ATTENTION_MIN_ROWS) == M.ATTENTION_MIN_ROWS  # short: one chunk
+    assert M.query_chunk_rows(4, 9, 512) == M.ATTENTION_MIN_ROWS  # 4 causal chunks of the smallest size
+    T = M.ATTENTION_MIN_ROWS * M.ATTENTION_CHUNKS * 2
+    assert M.query_chunk_rows(1, 4, T) == T // M.ATTENTION_CHUNKS  # long: at most ATTENTION_CHUNKS chunks
     rows = M.query_chunk_rows(8, 32, 4096)  # Llama-7B width, 8 x 4096 tokens
     assert rows < 4096 and 8 * 32 * rows * 4096 * 4 <= M.ATTENTION_CHUNK_BYTES
     assert M.query_chunk_rows(4096, 64, 4096) == 1  # never zero
