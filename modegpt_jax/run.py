@@ -187,7 +187,8 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     also discards the checkpoints of an earlier run for ``output``. ``mesh``: as :func:`modegpt_jax.heal.heal`.
     ``teacher_cache``: a directory for the teacher's final residual stream on the training windows
     (:mod:`modegpt_jax.teacher_cache`): filled block by block first (or continued, or reused as it is), then only
-    the teacher's embeddings and head are loaded."""
+    the teacher's embeddings and head are loaded; in a multi-process run process 0 fills it and the others wait
+    (:func:`modegpt_jax.teacher_cache.open_teacher_cache`)."""
     from converters.hf_export import save_model
     from converters.hf_import import HFCheckpoint
     from modegpt_jax.calibration import calibration_tokens, load_calibration_text, sample_windows
@@ -201,9 +202,6 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     if teacher_cache is not None and settings.loss == "lm":
         raise UserError("a teacher cache serves the distillation losses; loss lm uses no teacher",
                         argument=("teacher_cache", "loss"))
-    if teacher_cache is not None and jax.process_count() > 1:
-        raise UserError("a teacher cache is filled and read by one process: drop it in multi-process runs",
-                        argument="teacher_cache")
     if val_windows < 0:
         raise UserError(f"val_windows must be >= 0, got {val_windows}", argument="val_windows")
     if seqlen < 2:
@@ -236,15 +234,14 @@ def heal_checkpoint(model: Any, teacher: Any, output: str | Path, settings, *, d
     teacher_model = teacher_hidden = cache_report = None
     if teacher_cache is not None and dense is not None:  # (refused above for loss lm)
         from modegpt_jax.heal import digest
-        from modegpt_jax.teacher_cache import TeacherCache, checkpoint_identity, fill_teacher_cache
+        from modegpt_jax.teacher_cache import checkpoint_identity, open_teacher_cache
 
-        cache = TeacherCache(teacher_cache, {"teacher": checkpoint_identity(dense), "windows": digest(windows),
-                                             "dtype": settings.dtype}, (*windows.shape, dense.config.hidden_size))
-        began, reused = time.perf_counter(), cache.complete
-        fill_teacher_cache(cache, dense, windows, settings.dtype, batch_size=settings.batch_size, progress=progress)
-        cache_report = {"directory": str(cache.directory), "reused": reused,
+        began = time.perf_counter()
+        teacher_hidden, reused = open_teacher_cache(
+            teacher_cache, {"teacher": checkpoint_identity(dense), "windows": digest(windows), "dtype": settings.dtype},
+            dense, windows, settings.dtype, batch_size=settings.batch_size, progress=progress)
+        cache_report = {"directory": str(teacher_cache), "reused": reused,
                         "fill_seconds": round(time.perf_counter() - began, 3)}
-        teacher_hidden = cache.hidden
         teacher_model = dense.load_shell(dataclasses.replace(dense.config, layers=()), settings.dtype)
     elif dense is not None and settings.loss != "lm":
         teacher_model = dense.load_model(settings.dtype)

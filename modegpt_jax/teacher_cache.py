@@ -13,6 +13,10 @@ the fill has done), float32 memory maps, and ``lock`` (held by the process filli
 fill alternates between two buffers (stage ``s`` reads ``stage-{(s - 1) % 2}`` and writes ``stage-{s % 2}``), so a
 batch redone after a crash reads the same input again; once finished, the result is renamed ``hidden.f32`` and the
 other buffer deleted. While filling, the directory holds two buffers of the cache's size.
+
+In a ``jax.distributed`` run (:func:`open_teacher_cache`) process 0 opens and fills the cache while the others
+wait, then every process reads it: the directory must be one that every process sees at the same path (a shared
+filesystem), which is checked before the fill.
 """
 
 from __future__ import annotations
@@ -20,18 +24,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from modegpt_jax.errors import UserError
 
-__all__ = ["TeacherCache", "checkpoint_identity", "fill_teacher_cache"]
+__all__ = ["TeacherCache", "checkpoint_identity", "fill_teacher_cache", "open_teacher_cache"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json")
 
@@ -77,6 +84,18 @@ class TeacherCache:
             self.meta = {"fingerprint": fingerprint, "shape": list(self.shape), "stage": 0, "rows": 0,
                          "complete": False}
             self._save_meta()
+
+    @classmethod
+    def existing(cls, directory: str | Path, shape: tuple[int, int, int]) -> "TeacherCache":
+        """The cache in ``directory`` as its ``meta.json`` describes it (no fingerprint to compare: another process
+        opened it with one)."""
+        cache = cls.__new__(cls)
+        cache.directory, cache.shape = Path(directory), tuple(int(n) for n in shape)
+        cache.meta = cache._read_meta()
+        if tuple(cache.meta["shape"]) != cache.shape:
+            raise UserError(f"teacher cache {cache.directory} holds states of shape {tuple(cache.meta['shape'])}, "
+                            f"not {cache.shape}", argument="teacher_cache")
+        return cache
 
     @property
     def complete(self) -> bool:
@@ -182,3 +201,64 @@ def fill_teacher_cache(cache: TeacherCache, checkpoint, windows: np.ndarray, dty
             del block, source, target
         bar.close()
         cache._finish(stages)
+
+
+def open_teacher_cache(directory: str | Path, fingerprint: dict[str, Any], checkpoint, windows: np.ndarray,
+                       dtype: Any = "float32", *, batch_size: int = 4, progress: bool = True,
+                       poll_seconds: float = 1.0) -> tuple[np.ndarray, bool]:
+    """The teacher's final residual stream for ``windows`` from the cache ``directory`` (of ``fingerprint``),
+    filled first from ``checkpoint`` if it is not finished (:func:`fill_teacher_cache`); also whether it was
+    finished already (reused).
+
+    In a multi-process run every process calls this with the same arguments. Process 0 opens the cache (its
+    refusals are everyone's) and every process checks that it sees the same ``meta.json`` at ``directory``, else
+    all refuse; then process 0 fills it, the others wait for it to finish (every ``poll_seconds``), and every
+    process returns the same memory map."""
+    shape = (*np.shape(windows), checkpoint.config.hidden_size)
+    if jax.process_count() == 1:
+        cache = TeacherCache(directory, fingerprint, shape)
+        reused = cache.complete
+        fill_teacher_cache(cache, checkpoint, windows, dtype, batch_size=batch_size, progress=progress)
+        return cache.hidden, reused
+    from jax.experimental import multihost_utils
+
+    directory, leader = Path(directory), jax.process_index() == 0
+    cache, refusal, seal = None, None, np.zeros(32, np.uint8)
+    if leader:
+        try:
+            cache = TeacherCache(directory, fingerprint, shape)
+            seal = np.frombuffer(_meta_digest(directory), np.uint8).copy()
+        except UserError as error:
+            refusal = error
+    seal = np.asarray(multihost_utils.broadcast_one_to_all(seal), np.uint8)
+    if not seal.any():  # process 0 refused the directory
+        raise refusal or UserError(f"teacher cache {directory}: process 0 refused it (its error says why)",
+                                   argument="teacher_cache")
+    sees = multihost_utils.process_allgather(np.asarray(leader or _meta_digest(directory) == seal.tobytes()))
+    if not np.all(sees):
+        blind = [i for i, ok in enumerate(np.ravel(sees)) if not ok]
+        raise UserError(f"teacher cache {directory}: process(es) {blind} do not see process 0's cache there; in a "
+                        "multi-process run the cache must be a directory every process sees at the same path (a "
+                        "shared filesystem)", argument="teacher_cache")
+    reused = bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(leader and cache.complete))))
+    if leader:
+        fill_teacher_cache(cache, checkpoint, windows, dtype, batch_size=batch_size, progress=progress)
+    else:
+        while not _meta_complete(directory):
+            time.sleep(poll_seconds)
+    multihost_utils.sync_global_devices("teacher cache filled")
+    return (cache if leader else TeacherCache.existing(directory, shape)).hidden, reused
+
+
+def _meta_digest(directory: Path) -> bytes:
+    try:
+        return hashlib.sha256((directory / "meta.json").read_bytes()).digest()
+    except OSError:
+        return b""
+
+
+def _meta_complete(directory: Path) -> bool:
+    try:
+        return bool(json.loads((directory / "meta.json").read_text())["complete"])
+    except (OSError, ValueError, KeyError):  # being replaced, or not visible yet
+        return False

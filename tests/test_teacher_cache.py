@@ -18,6 +18,11 @@ from tests.test_heal import data, params, student
 pair = test_heal.pair  # the fixture: (dense checkpoint, compressed model) of a tiny Llama
 
 
+#: the windows and settings of the multi-process test and its worker (tests.teacher_cache_worker)
+WINDOWS = data(16, length=16)
+SETTINGS = HealSettings(steps=2, batch_size=8, lr=3e-3, warmup=0, loss="kd+lm")
+
+
 def cache_for(ckpt, directory, windows, dtype="float32"):
     return TeacherCache(directory, {"teacher": "tiny", "windows": healing.digest(windows), "dtype": dtype},
                         (*windows.shape, ckpt.config.hidden_size))
@@ -136,3 +141,34 @@ def test_heal_command_fills_the_cache_once_and_reuses_it(tmp_path, tiny_compress
         heal_checkpoint(compressed, dense, tmp_path / "x", dataclasses.replace(settings, keep_best=True),
                         teacher_cache=tmp_path / "new-cache", **kwargs)
     assert not (tmp_path / "x").exists() and not (tmp_path / "new-cache").exists()
+
+
+@pytest.mark.slow  # two runs of two jax.distributed processes: about a minute
+def test_processes_share_a_cache_process_0_fills(pair, tmp_path):
+    """Two jax.distributed processes of 4 devices each: process 0 fills one cache directory while the other waits,
+    both train on it (mesh data=2,model=4), and the weights equal one device's with the whole teacher. A directory
+    one process sees without the other's cache in it stops both, before any fill."""
+    from tests.processes import run_distributed
+    from tests.test_heal import assert_same_weights, student_dir
+
+    ckpt, _ = pair
+    model, _ = heal(student(pair), ckpt.load_model(), WINDOWS, SETTINGS, progress=False)
+    want = {".".join(map(str, k)): np.asarray(v) for k, v in params(model).items()}
+
+    def run(out, cache):
+        args = [out, student_dir(pair, tmp_path), ckpt.directory, cache]
+        run_distributed("tests.teacher_cache_worker", lambda port, i: [*args, port, i, 2], processes=2,
+                        devices_per_process=4, timeout=600)
+
+    out = tmp_path / "shared.npz"
+    run(out, tmp_path / "cache")
+    got = dict(np.load(out))
+    assert not bool(got.pop("reused"))
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["complete"]
+    assert_same_weights(got, want)
+
+    alone = tmp_path / "alone.npz"
+    run(alone, tmp_path / "cache-{process}")  # each process its own directory: process 1 sees no cache in its own
+    for i in range(2):
+        assert "every process sees at the same path" in (tmp_path / f"alone.npz.error-{i}").read_text()
+    assert not alone.exists() and not (tmp_path / "cache-0" / "hidden.f32").exists()
