@@ -213,7 +213,8 @@ def open_teacher_cache(directory: str | Path, fingerprint: dict[str, Any], check
     In a multi-process run every process calls this with the same arguments. Process 0 opens the cache (its
     refusals are everyone's) and every process checks that it sees the same ``meta.json`` at ``directory``, else
     all refuse; then process 0 fills it, the others wait for it to finish (every ``poll_seconds``), and every
-    process returns the same memory map."""
+    process returns the same memory map. If process 0's fill fails, it leaves its error in ``fill-failed`` and the
+    others stop with it."""
     shape = (*np.shape(windows), checkpoint.config.hidden_size)
     if jax.process_count() == 1:
         cache = TeacherCache(directory, fingerprint, shape)
@@ -227,6 +228,7 @@ def open_teacher_cache(directory: str | Path, fingerprint: dict[str, Any], check
     if leader:
         try:
             cache = TeacherCache(directory, fingerprint, shape)
+            (directory / "fill-failed").unlink(missing_ok=True)  # from an earlier run
             seal = np.frombuffer(_meta_digest(directory), np.uint8).copy()
         except UserError as error:
             refusal = error
@@ -241,10 +243,18 @@ def open_teacher_cache(directory: str | Path, fingerprint: dict[str, Any], check
                         "multi-process run the cache must be a directory every process sees at the same path (a "
                         "shared filesystem)", argument="teacher_cache")
     reused = bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(leader and cache.complete))))
+    failed = directory / "fill-failed"  # process 0's error, for the waiting processes
     if leader:
-        fill_teacher_cache(cache, checkpoint, windows, dtype, batch_size=batch_size, progress=progress)
+        try:
+            fill_teacher_cache(cache, checkpoint, windows, dtype, batch_size=batch_size, progress=progress)
+        except BaseException as error:
+            failed.write_text(str(error) or type(error).__name__)
+            raise
     else:
         while not _meta_complete(directory):
+            if failed.is_file():
+                raise UserError(f"teacher cache {directory}: process 0 stopped filling it: {failed.read_text()}",
+                                argument="teacher_cache")
             time.sleep(poll_seconds)
     multihost_utils.sync_global_devices("teacher cache filled")
     return (cache if leader else TeacherCache.existing(directory, shape)).hidden, reused

@@ -172,3 +172,11 @@ def test_processes_share_a_cache_process_0_fills(pair, tmp_path):
     for i in range(2):
         assert "every process sees at the same path" in (tmp_path / f"alone.npz.error-{i}").read_text()
     assert not alone.exists() and not (tmp_path / "cache-0" / "hidden.f32").exists()
+
+    # A fill process 0 cannot do (another process holds the directory) stops the waiting process too, not a hang.
+    shape = (*WINDOWS.shape, ckpt.config.hidden_size)
+    busy = TeacherCache(tmp_path / "busy", {"windows": healing.digest(WINDOWS)}, shape)
+    with busy.lock():
+        run(tmp_path / "busy.npz", tmp_path / "busy")
+    assert "being filled by another process" in (tmp_path / "busy.npz.error-0").read_text()
+    assert "process 0 stopped filling it" in (tmp_path / "busy.npz.error-1").read_text()
