@@ -126,7 +126,7 @@ GRAM_BLOCKS = 4
 
 
 def _symmetric_product(x, acc):
-    """``x^T x`` for ``x [tokens, n]``, from the blocks on and above the diagonal."""
+    """``x^T x`` for ``x [tokens, n]``, from the blocks on and above the diagonal; exactly symmetric when blocked."""
     n = x.shape[-1]
 
     def dot(a, b):
@@ -137,6 +137,11 @@ def _symmetric_product(x, acc):
     edges = [round(i * n / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
     parts = [x[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
     upper = {(i, j): dot(parts[i], parts[j]) for i in range(GRAM_BLOCKS) for j in range(i, GRAM_BLOCKS)}
+    for i in range(GRAM_BLOCKS):
+        # A diagonal block's own halves may differ in the last bit (the CPU kernels tile them differently): its
+        # upper triangle mirrored makes the whole result exactly symmetric.
+        block = upper[(i, i)]
+        upper[(i, i)] = jnp.triu(block) + jnp.triu(block, 1).T
     rows = [jnp.concatenate([upper[(i, j)] if j >= i else upper[(j, i)].T for j in range(GRAM_BLOCKS)], axis=1)
             for i in range(GRAM_BLOCKS)]
     return jnp.concatenate(rows, axis=0)
