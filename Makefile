@@ -47,9 +47,12 @@ run: setup
 	$(VENV)/bin/modegpt compress --model smollm2-135m --ratio 0.3 --output $(RUN_DIR) --overwrite
 	$(VENV)/bin/modegpt eval --model $(RUN_DIR)
 
-# The suite without the checks marked slow (about 22 minutes on 2 cores); test-slow runs those; CI runs both.
+# The suite without the checks marked slow (about 20 minutes on 2 cores); test-slow runs those; CI runs both.
+# TEST_WORKERS pytest processes share the tests a module at a time (a module's fixtures are built once); each
+# worker can hold a few GiB, so more workers need more memory, not only more cores.
+TEST_WORKERS ?= 2
 test: setup $(VENV)/.llamacpp
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope
 
 test-slow: setup $(VENV)/.llamacpp
 	$(PY) -m pytest -m slow
