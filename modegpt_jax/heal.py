@@ -551,7 +551,8 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
                 rows = global_batch(rows, mesh)
                 teacher_h = None if teacher_h is None else global_batch(teacher_h, mesh)
             losses.append(train_step(model, optimizer, rows, teacher, settings, teacher_h))
-        row = {"step": step + 1, **{k: float(np.mean([x[k] for x in losses])) for k in losses[0]}}
+        row = {"step": step + 1, **{k: float(np.mean([x[k] for x in losses])) for k in losses[0]},
+               "seconds": round(time.perf_counter() - began, 3)}  # since this run's first step began
         if not math.isfinite(row["loss"]):
             kept = "" if checkpoints is None or checkpoints.latest is None else (
                 f"; the last good checkpoint is step {checkpoints.latest} in {checkpoints.directory} (delete it to "

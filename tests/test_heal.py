@@ -83,6 +83,8 @@ def test_bfloat16_weights_are_trained_and_kept_in_bfloat16(pair):
     assert any(not np.array_equal(before[k].astype(after[k].dtype), after[k]) for k in before)
     losses = [row["loss"] for row in report["history"] if "loss" in row]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    seconds = [row["seconds"] for row in report["history"] if "loss" in row]  # since the first step began
+    assert 0 < seconds[0] < seconds[1] < seconds[2] <= report["seconds_this_run"]
 
 
 @pytest.mark.parametrize("loss", ["kd", "lm", "kd+lm"])
