@@ -10,8 +10,8 @@ The compressed model is made first with ``modegpt compress --model M --ratio R -
 ``seconds_this_run`` of its report: compilation, checkpoints and any validation between steps included; the
 validation before the first step and after the last one, and loading, are not). It becomes a step count from a
 short probe: the median time of a training step (steps 3-6) and what the first two steps took beyond it (their
-compilation), with four checkpoints priced at ``CHECKPOINT_SECONDS`` each; at most one pass over the training text.
-Each row records the loop's measured seconds next to its budget. Each (method, budget) pair is one run of
+compilation), with ``CHECKPOINTS`` checkpoints priced at ``CHECKPOINT_SECONDS`` each; at most one pass over the
+training text. Each row records the loop's measured seconds next to its budget. Each (method, budget) pair is one run of
     modegpt heal --model DIR --teacher M --output OUT --steps N --method METHOD ...
 through :func:`modegpt_jax.run.heal_checkpoint`, so the schedule (warmup, cosine decay) fits the budget as it would
 for a user. Every row reports held-out perplexity (the embedded held-out text, never trained or validated on) and
@@ -55,8 +55,10 @@ def piqa(model_dir: str | Path, limit: int | None) -> float | None:
 
 #: What one orbax checkpoint of SmolLM2's trained blocks and AdamW moments adds to a step on this project's 2-core
 #: CPU (the steps after a checkpoint took about 8 s longer than their neighbours, from the elapsed seconds per step
-#: in a heal report). A run of the benchmark writes four.
+#: in a heal report).
 CHECKPOINT_SECONDS = 8.0
+#: A run checkpoints every ``steps // CHECKPOINTS`` steps (and after its last step).
+CHECKPOINTS = 4
 
 
 def step_seconds(compressed: str, teacher: str, args, method: str) -> tuple[float, float]:
@@ -129,13 +131,14 @@ def main() -> None:
     most_steps = text_tokens // args.seqlen // args.batch_size  # one pass over the training text
     for method in args.methods.split(","):
         seconds, compile_seconds = step_seconds(compressed, args.model, args, method)
+        fixed = compile_seconds + CHECKPOINTS * CHECKPOINT_SECONDS
         for budget in (float(b) for b in args.budgets.split(",")):
-            fixed = compile_seconds + 4 * CHECKPOINT_SECONDS
             steps = min(most_steps, max(2, int((budget * 60 - fixed) / seconds)))
             settings = HealSettings(steps=steps, batch_size=args.batch_size, loss=args.loss, dtype=args.dtype,
                                     train_embeddings=args.train_embeddings,
                                     lr=args.lora_lr if method == "lora" else args.lr,
-                                    warmup=max(1, steps // 20), method=method, checkpoint_every=max(1, steps // 4))
+                                    warmup=max(1, steps // 20), method=method,
+                                    checkpoint_every=max(1, steps // CHECKPOINTS))
             out = work / f"healed-{method}-{budget:g}"
             start = time.perf_counter()
             report = heal_checkpoint(compressed, args.model, out, settings, seqlen=args.seqlen, progress=False)

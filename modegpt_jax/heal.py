@@ -551,8 +551,9 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
                 rows = global_batch(rows, mesh)
                 teacher_h = None if teacher_h is None else global_batch(teacher_h, mesh)
             losses.append(train_step(model, optimizer, rows, teacher, settings, teacher_h))
+        seconds = time.perf_counter() - began
         row = {"step": step + 1, **{k: float(np.mean([x[k] for x in losses])) for k in losses[0]},
-               "seconds": round(time.perf_counter() - began, 3)}  # since this run's first step began
+               "seconds": round(seconds, 3)}  # since this run's first step began
         if not math.isfinite(row["loss"]):
             kept = "" if checkpoints is None or checkpoints.latest is None else (
                 f"; the last good checkpoint is step {checkpoints.latest} in {checkpoints.directory} (delete it to "
@@ -560,7 +561,6 @@ def heal(model: Transformer, teacher: Transformer | None, tokens: np.ndarray, se
             raise UserError(f"the loss became {row['loss']} at step {step + 1} (lr {settings.lr} too high?){kept}",
                             argument="lr")
         history.append(row)
-        seconds = time.perf_counter() - began
         done = step + 1 - start_step
         bar.set_postfix(loss=f"{row['loss']:.4f}",
                         tok_s=f"{done * settings.grad_accum * settings.batch_size * window_tokens / seconds:.0f}")
