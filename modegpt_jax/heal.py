@@ -27,6 +27,7 @@ from modegpt_jax.errors import UserError
 from modegpt_jax.mesh import DATA, global_batch, to_host
 from modegpt_jax.model import Linear, Transformer
 from modegpt_jax.perplexity import perplexity, token_nll
+from modegpt_jax.resume import array_hash
 
 __all__ = ["HealSettings", "LoRALinear", "LoRAParam", "add_lora", "heal", "kd_loss", "lm_loss", "merge_lora",
            "train_step"]
@@ -365,9 +366,8 @@ RESULT_NEUTRAL = ("remat",)
 
 
 def digest(array: np.ndarray) -> str:
-    import hashlib
-
-    return f"{list(array.shape)}:{hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]}"
+    """``array``'s shape and :func:`~modegpt_jax.resume.array_hash`, as a heal run's fingerprint names its data."""
+    return f"{list(array.shape)}:{array_hash(array)}"
 
 
 @dataclasses.dataclass

@@ -42,12 +42,18 @@ from modegpt_jax.mesh import local_blocks
 STATE = "state.json"
 
 
+def array_hash(array: np.ndarray) -> str:
+    """The first 16 hex digits of the SHA-256 of ``array``'s bytes (C order): what identifies an array in a run's
+    fingerprint."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
 def fingerprint(**parts: Any) -> dict[str, str]:
     """A JSON-able summary of everything that decides the result; arrays are hashed."""
     out = {}
     for key, value in parts.items():
         if isinstance(value, np.ndarray):
-            out[key] = hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()[:16] + f"{value.shape}"
+            out[key] = array_hash(value) + f"{value.shape}"
         else:
             out[key] = json.dumps(value, sort_keys=True, default=str)
     return out
