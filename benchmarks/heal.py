@@ -57,7 +57,7 @@ def piqa(model_dir: str | Path, limit: int | None) -> float | None:
 #: CPU (the steps after a checkpoint took about 8 s longer than their neighbours, from the elapsed seconds per step
 #: in a heal report).
 CHECKPOINT_SECONDS = 8.0
-#: A run checkpoints every ``steps // CHECKPOINTS`` steps (and after its last step).
+#: A run checkpoints every ``ceil(steps / CHECKPOINTS)`` steps and after its last step: at most ``CHECKPOINTS`` in all.
 CHECKPOINTS = 4
 
 
@@ -138,7 +138,7 @@ def main() -> None:
                                     train_embeddings=args.train_embeddings,
                                     lr=args.lora_lr if method == "lora" else args.lr,
                                     warmup=max(1, steps // 20), method=method,
-                                    checkpoint_every=max(1, steps // CHECKPOINTS))
+                                    checkpoint_every=-(-steps // CHECKPOINTS))
             out = work / f"healed-{method}-{budget:g}"
             start = time.perf_counter()
             report = heal_checkpoint(compressed, args.model, out, settings, seqlen=args.seqlen, progress=False)
