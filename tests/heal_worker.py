@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import sys
 
+#: The runs' peak learning rate (the tests compare trained weights within it).
+LR = 3e-3
+
 
 def main(out: str, student: str, teacher: str, mesh_spec: str, method: str, port: str | None = None,
          process: str | None = None, processes: str | None = None) -> None:
@@ -31,7 +34,7 @@ def main(out: str, student: str, teacher: str, mesh_spec: str, method: str, port
     from modegpt_jax.heal import HealSettings, heal
     from modegpt_jax.mesh import make_mesh
 
-    settings = HealSettings(steps=3, batch_size=8, grad_accum=2, lr=3e-3, warmup=1, loss="kd+lm", method=method,
+    settings = HealSettings(steps=3, batch_size=8, grad_accum=2, lr=LR, warmup=1, loss="kd+lm", method=method,
                             lora_rank=4, eval_every=1, keep_best=True, checkpoint_every=1)
     tokens = np.random.default_rng(0).integers(0, 128, (48, 16)).astype(np.int32)
     mesh = None if mesh_spec == "none" else make_mesh(mesh_spec)

@@ -16,6 +16,7 @@ from modegpt_jax.errors import UserError
 from modegpt_jax.heal import HealSettings, add_lora, heal, kd_loss, lm_loss, make_optimizer, merge_lora, train_step
 from modegpt_jax.pipeline import compress
 from modegpt_jax.run import heal_checkpoint
+from tests.heal_worker import LR as WORKER_LR
 from tests.hf_models import make_hf_model, save_hf_model
 from tests.test_cli_errors import assert_user_error, run_cli
 from tests.test_pipeline import equal_split
@@ -374,10 +375,23 @@ def worker_weights(pair, tmp_path, spec: str, method: str, processes: int = 1) -
     return result, spans
 
 
-def assert_same_weights(got: dict, want: dict):
+def assert_same_weights(got: dict, want: dict, lr: float, outliers: float = 1e-3):
+    """Trained weights of two runs (of peak learning rate ``lr``) agree: every entry within float tolerance, except
+    at most a fraction ``outliers`` of all entries, each within ``2 lr``. AdamW divides every gradient entry by its
+    own running magnitude, so an entry whose gradient is close to zero moves by a fair part of ``lr`` whatever its
+    last bits are, and a sharded run sums its gradients in another order (one such entry of 3,840, off by 6e-5 at
+    lr 3e-3, was seen between 2 processes of 4 devices and one device). A wrong shard or a missed all-reduce moves
+    far more entries than that."""
     assert got.keys() == want.keys()
+    loose, total = [], 0
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=1e-4, err_msg=name)
+        assert got[name].shape == want[name].shape, name
+        diff = np.abs(got[name].astype(np.float64) - want[name])
+        off = diff > 2e-5 + 1e-4 * np.abs(want[name])
+        assert np.all(diff[off] <= 2 * lr), f"{name}: an entry differs by {diff.max():.3g}, more than 2 lr"
+        loose += [(name, int(off.sum()), float(diff.max()))] if off.any() else []
+        total += want[name].size
+    assert sum(n for _, n, _ in loose) <= outliers * total, f"entries off by more than float tolerance: {loose}"
 
 
 def test_training_on_a_mesh_matches_one_device(pair, tmp_path):
@@ -386,13 +400,13 @@ def test_training_on_a_mesh_matches_one_device(pair, tmp_path):
     one, _ = worker_weights(pair, tmp_path, "none", "lora")
     many, spans = worker_weights(pair, tmp_path, MESH, "lora")
     assert not spans
-    assert_same_weights(many, one)
+    assert_same_weights(many, one, WORKER_LR)
 
     # Two jax.distributed processes of 4 devices each, data across them and model within each: the same weights.
     two, spans = worker_weights(pair, tmp_path, MESH, "lora", processes=2)
     assert not spans
     assert (tmp_path / "data2_model4-lora-2.npz.checkpoints").is_dir()  # orbax checkpoints written by both
-    assert_same_weights(two, one)
+    assert_same_weights(two, one, WORKER_LR)
 
 
 @pytest.mark.slow
@@ -403,4 +417,4 @@ def test_model_groups_spanning_processes_match_one_device(pair, tmp_path):
     one, _ = worker_weights(pair, tmp_path, "none", "full")
     four, spans = worker_weights(pair, tmp_path, MESH, "full", processes=4)
     assert spans
-    assert_same_weights(four, one)
+    assert_same_weights(four, one, WORKER_LR)

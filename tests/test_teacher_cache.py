@@ -165,7 +165,7 @@ def test_processes_share_a_cache_process_0_fills(pair, tmp_path):
     got = dict(np.load(out))
     assert not bool(got.pop("reused"))
     assert json.loads((tmp_path / "cache" / "meta.json").read_text())["complete"]
-    assert_same_weights(got, want)
+    assert_same_weights(got, want, SETTINGS.lr)
 
     alone = tmp_path / "alone.npz"
     run(alone, tmp_path / "cache-{process}")  # each process its own directory: process 1 sees no cache in its own
