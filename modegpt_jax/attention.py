@@ -68,10 +68,15 @@ def _over_chunks(T: int, rows: int, body, carry):
     return jax.lax.fori_loop(0, len(branches), lambda i, c: jax.lax.switch(i, branches, c), carry)
 
 
+def _queries_group_major(x):
+    """Queries (or their gradients) ``[B, T, G, n, d] -> [B, G, T * n, d]``."""
+    B, T, G, n, d = x.shape
+    return x.transpose(0, 2, 1, 3, 4).reshape(B, G, T * n, d)
+
+
 def _group_major(q, k, v):
     """``q [B, T, G, n, d] -> [B, G, T * n, d]``, ``k, v [B, T, G, d] -> [B, G, T, d]``."""
-    B, T, G, n, d = q.shape
-    return (q.transpose(0, 2, 1, 3, 4).reshape(B, G, T * n, d), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    return _queries_group_major(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 def _position_major(x, T: int):
@@ -124,10 +129,10 @@ def _fwd(q, k, v, attention_mask, scale, window, rows):
 
 def _bwd(scale, window, rows, residuals, g):
     q, k, v, attention_mask, out, lse = residuals
-    B, G, Tn, _ = q.shape
+    Tn = q.shape[2]
     T = k.shape[2]
     n = Tn // T
-    g = g.transpose(0, 2, 1, 3, 4).reshape(B, G, Tn, g.shape[-1])
+    g = _queries_group_major(g)
     # d(loss)/d(scores) = p * (g v^T - D), with D = sum(g * out) over the value dims, one row at a time
     D = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, G, T * n]
 
