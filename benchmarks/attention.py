@@ -13,7 +13,6 @@ compile one more branch each. Prints the first call (compilation included) and t
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import numpy as np
 
 from modegpt_jax.attention import causal_attention
 from modegpt_jax.model import query_chunk_rows
+
+from record import update_results
 
 
 def timed(fn, args, reps: int) -> tuple[float, float]:
@@ -80,9 +81,8 @@ def main() -> None:
                   f"(first {row['forward_first_ms']} ms), forward+backward {row['forward_backward_ms']} ms "
                   f"(first {row['forward_backward_first_ms']} ms)", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"device": str(jax.devices()[0]), "heads": args.heads,
-                                         "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-                                         "reps": args.reps, "rows": rows_out}, indent=1) + "\n")
+        update_results(args.json, {"device": str(jax.devices()[0]), "heads": args.heads, "kv_heads": args.kv_heads,
+                                   "head_dim": args.head_dim, "reps": args.reps, "rows": rows_out})
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ export; the wall time with the export is recorded too.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import platform
 import resource
 import time
-from pathlib import Path
+
+from record import update_results
 
 
 def _forward(args, queue):
@@ -115,10 +115,8 @@ def main() -> None:
     if comp["device_peak_mib"]:
         print(f"peak device memory {comp['device_peak_mib']:.0f} MiB")
     print(f"compression / forward: {comp['seconds'] / forward['seconds']:.2f}x")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "forward": forward, "compress": comp,
-                               "ratio_to_forward": comp["seconds"] / forward["seconds"]}, indent=2) + "\n")
+    out = update_results(args.json, {"args": vars(args), "forward": forward, "compress": comp,
+                                     "ratio_to_forward": comp["seconds"] / forward["seconds"]})
     print(f"written to {out}")
 
 

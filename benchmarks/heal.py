@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import update_results
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
@@ -106,6 +108,8 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the dense and compressed rows (held-out perplexity and PIQA before healing)")
     parser.add_argument("--json", default="benchmarks/results/heal.json")
+    parser.add_argument("--key", default=None, help="store this run's args and rows under KEY in the results file "
+                        "(default: its top-level args and rows); every other record in the file stays")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="heal-bench-"))
@@ -161,10 +165,8 @@ def main() -> None:
         tps = "-" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:.0f}"
         print(f"{r['model']:36} {r.get('steps', '-'):>6} {r.get('tokens', '-'):>9} {tps:>7} "
               f"{r['heldout_perplexity']:13.2f} {acc:>6}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
-    print(f"written to {out}")
+    out = update_results(args.json, {"args": vars(args), "rows": rows}, args.key)
+    print(f"written to {out}" + (f" (key {args.key!r})" if args.key else ""))
 
 
 if __name__ == "__main__":

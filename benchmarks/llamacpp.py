@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from record import update_results
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
@@ -93,11 +95,9 @@ def main() -> None:
 
     import llama_cpp
 
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "compressed": compressed, "rows": rows,
-                               "llama_cpp_python": llama_cpp.__version__, "machine": platform.processor()
-                               or platform.machine(), "cpus": os.cpu_count()}, indent=2) + "\n")
+    out = update_results(args.json, {"args": vars(args), "compressed": compressed, "rows": rows,
+                                     "llama_cpp_python": llama_cpp.__version__,
+                                     "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()})
     print(f"written {out}")
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from record import update_results
+
 
 def run(*args: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "modegpt_jax.cli", *args], capture_output=True, text=True)
@@ -62,8 +64,7 @@ def main() -> None:
             continue
         print(f"| {row['ratio']} | {row['allocation']} | {row['achieved_block_ratio']:.3f} / "
               f"{row['achieved_total_ratio']:.3f} | {row['perplexity']:.2f} | {row['perplexity'] / dense:.2f} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+    update_results(args.json, {"model": args.model, "rows": rows})
 
 
 if __name__ == "__main__":

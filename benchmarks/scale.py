@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from record import update_results
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "scale.json"
 MARKER = ".scale_checkpoint.json"
@@ -543,15 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": rows, "rss_flat_within_5pct": flat,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        existing = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        existing = {}
-    existing[key] = result
-    path.write_text(json.dumps(existing, indent=2) + "\n")
-    print(f"written to {path} (key {key!r})")
+    print(f"written to {update_results(args.json, result, key)} (key {key!r})")
     return 0 if all(r.get("returncode") == 0 for r in rows) else 1
 
 

@@ -22,8 +22,9 @@ from modegpt_jax.throughput import (
     format_table,
     parse_int_list,
     run_benchmark,
-    write_json,
 )
+
+from record import update_results
 
 
 def main() -> int:
@@ -59,7 +60,7 @@ def main() -> int:
     if result["greedy_tokens_equal_jax_torch"]:
         print("greedy tokens equal in JAX and PyTorch:",
               ", ".join(f"{k} {v:.0%}" for k, v in result["greedy_tokens_equal_jax_torch"].items()))
-    print(f"written to {write_json(result, args.json)}")
+    print(f"written to {update_results(args.json, result)}")
     return 0
 
 

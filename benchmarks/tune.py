@@ -14,7 +14,8 @@ import argparse
 import itertools
 import json
 import time
-from pathlib import Path
+
+from record import update_results
 
 KEYS = {"eps": "allocation_eps", "alpha": "leverage_alpha", "max": "max_sparsity", "alloc": "allocation",
         "att": "attention_scale", "qkn": "qk_norm_mode"}
@@ -58,10 +59,7 @@ def main() -> None:
                "achieved_block_ratio": report["achieved_block_ratio"], "seconds": time.perf_counter() - start}
         results.append(row)
         print(json.dumps(row), flush=True)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "dense_validation_perplexity": dense_ppl,
-                               "results": results}, indent=2) + "\n")
+    update_results(args.json, {"args": vars(args), "dense_validation_perplexity": dense_ppl, "results": results})
 
 
 if __name__ == "__main__":

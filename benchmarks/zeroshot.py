@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from record import update_results
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub: the offline path is the point
 
 
@@ -66,8 +68,7 @@ def main() -> None:
             norm = f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else "-"
             print(f"| {row['variant']} | {row['backend']} | {task} | {r['acc']:.4f} +- {r['acc_stderr']:.4f} | {norm} "
                   f"| {r['docs']} | {row['wall_seconds']} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"machine": "2-core CPU, shared", "rows": rows}, indent=2) + "\n")
+    update_results(args.json, {"machine": "2-core CPU, shared", "rows": rows})
 
 
 if __name__ == "__main__":

@@ -199,9 +199,11 @@ def kd_loss(logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1
 def _kl(logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
     """``KL(teacher || student)`` of every position [...], both softened by ``temperature``."""
     t = jnp.asarray(temperature, jnp.float32)
-    log_student = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+    student = logits.astype(jnp.float32) / t
     log_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
-    return jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
+    # log p_student = student - logsumexp(student) and the teacher's probabilities sum to 1, so the student's
+    # log-softmax is never formed: its gradient is then softmax(student) - p_teacher in one pass (see token_nll).
+    return jnp.sum(jnp.exp(log_teacher) * (log_teacher - student), axis=-1) + jax.nn.logsumexp(student, axis=-1)
 
 
 def cast_weights(model: Transformer, dtype: Any) -> Transformer:

@@ -44,9 +44,12 @@ def token_windows(tokens: np.ndarray, seqlen: int, max_windows: int | None = Non
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Negative log-likelihood [B, T] of ``targets [B, T]`` under ``logits [B, T, vocab]`` (aligned by the caller),
-    in float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    in float32: ``logsumexp(logits) - logits[target]``. (As ``log_softmax`` then a gather, XLA:CPU fuses the
+    vocabulary's max into the output head's product and writes the whole log-softmax gradient: a 4 x 512 window of
+    SmolLM2 took 1.8-2.2 s forward and backward against 1.5 s this way.)"""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
 @nnx.jit

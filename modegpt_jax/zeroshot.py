@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from modegpt_jax.errors import UserError
 from modegpt_jax.model import Transformer, hidden_states
+from modegpt_jax.perplexity import token_nll
 from modegpt_jax.zeroshot_tasks import load_tasks, parse_tasks, require_lm_eval
 
 try:
@@ -41,9 +42,8 @@ METRICS = ("acc", "acc_norm")
 def _token_logprobs(model: Transformer, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """For every position t < T-1: log p(tokens[:, t+1] | tokens[:, :t+1]) and whether it is the argmax."""
     logits = model.head(hidden_states(model, tokens)[:, :-1])
-    target = tokens[:, 1:, None]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), target, -1)[..., 0]
-    return logp, jnp.take_along_axis(logits, target, -1)[..., 0] >= logits.max(-1)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+    return -token_nll(logits, tokens[:, 1:]), picked >= logits.max(-1)
 
 
 def continuation_logprobs(model: Transformer, sequences: list[list[int]], n_continuation: list[int], *,
