@@ -9,7 +9,7 @@ The compressed model is made first with ``modegpt compress --model M --ratio R -
 ``--compressed DIR`` is given). A budget of B minutes is the wall time of the run's training loop (the
 ``seconds_this_run`` of its report: compilation, checkpoints and any validation between steps included; the
 validation before the first step and after the last one, and loading, are not). It becomes a step count from a
-short probe: the median time of a training step (steps 3-6) and what the first two steps took beyond it (their
+short probe: the median time of a training step (steps 3 to ``PROBE_STEPS``) and what the first two steps took beyond it (their
 compilation), with ``CHECKPOINTS`` checkpoints priced at ``CHECKPOINT_SECONDS`` each; at most one pass over the
 training text. Each row records the loop's measured seconds next to its budget. Each (method, budget) pair is one run of
     modegpt heal --model DIR --teacher M --output OUT --steps N --method METHOD ...
@@ -59,27 +59,31 @@ def piqa(model_dir: str | Path, limit: int | None) -> float | None:
 #: CPU (the steps after a checkpoint took about 8 s longer than their neighbours, from the elapsed seconds per step
 #: in a heal report).
 CHECKPOINT_SECONDS = 8.0
+#: Steps of the probe that prices a step (the median of steps 3 to this). Six priced steps of SmolLM2 4 to 6% off
+#: the run's median on this CPU, both ways, so a budget's run ended 3% over or 6% under it.
+PROBE_STEPS = 12
 #: A run checkpoints every ``ceil(steps / CHECKPOINTS)`` steps and after its last step: at most ``CHECKPOINTS`` in all.
 CHECKPOINTS = 4
 
 
 def step_seconds(compressed: str, teacher: str, args, method: str) -> tuple[float, float]:
-    """(seconds per training step: the median of steps 3-6 of a short run, seconds the first two steps took beyond
-    that: their compilation)."""
+    """(seconds per training step: the median of steps 3 to ``PROBE_STEPS`` of a short run, seconds the first two
+    steps took beyond that: their compilation)."""
     from converters.hf_import import HFCheckpoint
     from modegpt_jax.calibration import calibration_windows
     from modegpt_jax.heal import HealSettings, add_lora, make_optimizer, train_step
 
     student, dense = HFCheckpoint(compressed), HFCheckpoint(teacher)
-    settings = HealSettings(steps=6, batch_size=args.batch_size, warmup=1, method=method, loss=args.loss,
+    settings = HealSettings(steps=PROBE_STEPS, batch_size=args.batch_size, warmup=1, method=method, loss=args.loss,
                             dtype=args.dtype, train_embeddings=args.train_embeddings)
-    tokens = calibration_windows(student.load_tokenizer(), "wikipedia", 6 * args.batch_size, args.seqlen, 0)
+    windows = PROBE_STEPS * args.batch_size
+    tokens = calibration_windows(student.load_tokenizer(), "wikipedia", windows, args.seqlen, 0)
     model, teacher_model = student.load_model(), dense.load_model()
     if method == "lora":
         add_lora(model)
     optimizer = make_optimizer(model, settings)
     times = []
-    for i in range(6):
+    for i in range(PROBE_STEPS):
         start = time.perf_counter()
         train_step(model, optimizer, tokens[i * args.batch_size:(i + 1) * args.batch_size], teacher_model, settings)
         times.append(time.perf_counter() - start)
