@@ -9,8 +9,8 @@ The compressed model is made first with ``modegpt compress --model M --ratio R -
 ``--compressed DIR`` is given). A budget of B minutes is the wall time of the run's training loop (the
 ``seconds_this_run`` of its report: compilation, checkpoints and any validation between steps included; the
 validation before the first step and after the last one, and loading, are not). It becomes a step count from a
-short probe: the median time of a training step (steps 3 to ``PROBE_STEPS``) and what the first two steps took beyond it (their
-compilation), with ``CHECKPOINTS`` checkpoints priced at ``CHECKPOINT_SECONDS`` each; at most one pass over the
+short probe: the median time of a training step (steps 3 to ``PROBE_STEPS``) and what the first two steps took
+beyond it (their compilation), with ``CHECKPOINTS`` checkpoints priced at ``CHECKPOINT_SECONDS`` each; at most one pass over the
 training text. Each row records the loop's measured seconds next to its budget. Each (method, budget) pair is one run of
     modegpt heal --model DIR --teacher M --output OUT --steps N --method METHOD ...
 through :func:`modegpt_jax.run.heal_checkpoint`, so the schedule (warmup, cosine decay) fits the budget as it would
@@ -59,8 +59,8 @@ def piqa(model_dir: str | Path, limit: int | None) -> float | None:
 #: CPU (the steps after a checkpoint took about 8 s longer than their neighbours, from the elapsed seconds per step
 #: in a heal report).
 CHECKPOINT_SECONDS = 8.0
-#: Steps of the probe that prices a step (the median of steps 3 to this). Six priced steps of SmolLM2 4 to 6% off
-#: the run's median on this CPU, both ways, so a budget's run ended 3% over or 6% under it.
+#: Steps of the probe that prices a step (the median of steps 3 to this). With steps 3-6 alone the price of a
+#: SmolLM2 step was 4 to 6% off the run's median on this CPU, either way, so a budget's run ended 3% over or 6% under.
 PROBE_STEPS = 12
 #: A run checkpoints every ``ceil(steps / CHECKPOINTS)`` steps and after its last step: at most ``CHECKPOINTS`` in all.
 CHECKPOINTS = 4

@@ -27,6 +27,7 @@ def test_a_rerun_keeps_the_other_records(tmp_path):
 def test_a_file_that_is_not_a_json_object_is_left_alone(tmp_path, text):
     path = tmp_path / "bench.json"
     path.write_text(text)
-    with pytest.raises(SystemExit, match="move it away"):
-        record.update_results(path, {"rows": []})
+    with pytest.raises(SystemExit, match="left as it is"):
+        record.update_results(path, {"rows": [1]}, key="run")
     assert path.read_text() == text
+    assert json.loads((tmp_path / "bench.unmerged.json").read_text()) == {"run": {"rows": [1]}}
