@@ -69,7 +69,7 @@ class ModelConfig:
     mlp_bias: bool = False
     # Per-head RMSNorm of queries and keys over the head dimension, before RoPE (Qwen3, Gemma 3). In a layer whose
     # key-query is compressed (qk_dim < head_dim) the norm runs over the kept channels, with a weight per head
-    # (``per_head_qk_norm``); see ``modegpt_jax.pipeline.corrected_qk_norms``.
+    # (``per_head_qk_norm``); see ``modegpt_jax.block_compression.corrected_qk_norms``.
     qk_norm: bool = False
     # Norms after the attention and MLP outputs too, before the residual adds (Gemma 3).
     sandwich_norms: bool = False

@@ -10,7 +10,7 @@ from flax import nnx
 from modegpt_jax.config import LayerSpec, ModelConfig
 from modegpt_jax.decompose import width_bucket
 from modegpt_jax.model import MLP, Attention
-from modegpt_jax.pipeline import bucketed_attention, bucketed_mlp
+from modegpt_jax.block_compression import bucketed_attention, bucketed_mlp
 from modegpt_jax.rope import kept_pair_frequencies
 
 

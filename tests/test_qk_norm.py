@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from modegpt_jax.model import Norm
-from modegpt_jax.pipeline import corrected_qk_norms
+from modegpt_jax.block_compression import corrected_qk_norms
 
 H, G, DH = 4, 2, 8
 KEPT = np.array([[0, 2, 4, 6], [1, 3, 5, 7]])  # pairs (0, 2) in group 0, (1, 3) in group 1
