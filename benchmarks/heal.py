@@ -3,7 +3,7 @@
     python benchmarks/heal.py [--model smollm2-135m] [--ratio 0.3] [--budgets 5,10,20] [--methods full,lora]
                               [--seqlen 512] [--batch-size 4] [--lr 1e-5] [--lora-lr 1e-4] [--piqa-limit 300]
                               [--loss kd|lm|kd+lm] [--train-embeddings] [--dtype float32|bfloat16]
-                              [--no-baselines] [--json benchmarks/results/heal.json]
+                              [--no-baselines] [--probe-only --key KEY] [--json benchmarks/results/heal.json]
 
 The compressed model is made first with ``modegpt compress --model M --ratio R --output DIR`` (skipped when
 ``--compressed DIR`` is given). A budget of B minutes is the wall time of the run's training loop (the
@@ -17,6 +17,7 @@ through :func:`modegpt_jax.run.heal_checkpoint`, so the schedule (warmup, cosine
 for a user. Every row reports held-out perplexity (the embedded held-out text, never trained or validated on) and
 zero-shot PIQA accuracy (lm-eval, ``--piqa-limit`` documents) of the healed model, next to the dense and compressed
 ones, plus training tokens/s. Training text is the embedded calibration split; validation is the validation split.
+``--probe-only`` stops after the probe: each method's seconds per step and compilation seconds, without training runs.
 """
 
 from __future__ import annotations
@@ -91,6 +92,15 @@ def step_seconds(compressed: str, teacher: str, args, method: str) -> tuple[floa
     return steady, max(0.0, times[0] + times[1] - 2 * steady)
 
 
+def recorded_args(args) -> dict:
+    """The run's arguments as its record keeps them: a ``--compressed`` directory as the command that makes one
+    (a path of the machine that ran it means nothing elsewhere)."""
+    fields = dict(vars(args))
+    if args.compressed is not None:
+        fields["compressed"] = f"DIR (modegpt compress --model {args.model} --ratio {args.ratio} --output DIR)"
+    return fields
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -111,16 +121,31 @@ def main() -> None:
     parser.add_argument("--piqa-limit", type=int, default=300, help="PIQA documents (0: skip PIQA)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the dense and compressed rows (held-out perplexity and PIQA before healing)")
+    parser.add_argument("--probe-only", action="store_true",
+                        help="print (and record) each method's step time from the probe, then stop: no training runs")
     parser.add_argument("--json", default="benchmarks/results/heal.json")
     parser.add_argument("--key", default=None, help="store this run's args and rows under KEY in the results file "
                         "(default: its top-level args and rows); every other record in the file stays")
     args = parser.parse_args()
+    if args.probe_only and not args.key:
+        parser.error("--probe-only records under --key KEY (the top-level record is the training runs')")
 
     work = Path(tempfile.mkdtemp(prefix="heal-bench-"))
     compressed = args.compressed or str(work / "compressed")
     if args.compressed is None:
         subprocess.run([sys.executable, "-m", "modegpt_jax.cli", "compress", "--model", args.model, "--ratio",
                         str(args.ratio), "--output", compressed], check=True)
+    if args.probe_only:
+        probes = []
+        for method in args.methods.split(","):
+            seconds, compile_seconds = step_seconds(compressed, args.model, args, method)
+            probes.append({"method": method, "seconds_per_step": seconds, "compile_seconds": compile_seconds,
+                           "tokens_per_second": args.batch_size * args.seqlen / seconds})
+            print(f"{method}: {seconds:.2f} s a step (median of steps 3-{PROBE_STEPS}), "
+                  f"{probes[-1]['tokens_per_second']:.0f} tokens/s, compilation {compile_seconds:.1f} s", flush=True)
+        out = update_results(args.json, {"args": recorded_args(args), "probes": probes}, args.key)
+        print(f"written to {out}" + (f" (key {args.key!r})" if args.key else ""))
+        return
     rows = [] if args.no_baselines else [
         {"model": "dense", "heldout_perplexity": held_out(args.model, args.seqlen, args.heldout_windows),
          "piqa_acc": piqa(args.model, args.piqa_limit)},
@@ -169,7 +194,7 @@ def main() -> None:
         tps = "-" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:.0f}"
         print(f"{r['model']:36} {r.get('steps', '-'):>6} {r.get('tokens', '-'):>9} {tps:>7} "
               f"{r['heldout_perplexity']:13.2f} {acc:>6}")
-    out = update_results(args.json, {"args": vars(args), "rows": rows}, args.key)
+    out = update_results(args.json, {"args": recorded_args(args), "rows": rows}, args.key)
     print(f"written to {out}" + (f" (key {args.key!r})" if args.key else ""))
 
 
