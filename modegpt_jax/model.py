@@ -56,7 +56,10 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
+        # As one [rows, in] @ [in, out] product: with x [B, T, in], XLA:CPU computes the kernel's gradient (a
+        # product over both B and T) more slowly than over the flattened rows (README, Recovery training).
+        kernel = self.kernel[...]
+        y = (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
         if self.bias is not None:
             y = y + self.bias[...]
         return y
