@@ -50,16 +50,20 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def rows_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x [..., in] @ kernel [in, out]`` as one ``[rows, in] @ [in, out]`` product (a reshape, no copy): over
+    ``x [B, T, in]`` the kernel's gradient is a product over both B and T, which XLA:CPU computes more slowly than
+    over the flattened rows (README, Recovery training)."""
+    return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: Any, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # As one [rows, in] @ [in, out] product: with x [B, T, in], XLA:CPU computes the kernel's gradient (a
-        # product over both B and T) more slowly than over the flattened rows (README, Recovery training).
-        kernel = self.kernel[...]
-        y = (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+        y = rows_product(x, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -361,7 +365,7 @@ class Transformer(nnx.Module):
     def head(self, h: jax.Array) -> jax.Array:
         h = self.final_norm(h)
         if self.lm_head is None:
-            logits = h @ self.embed_tokens[...].T
+            logits = rows_product(h, self.embed_tokens[...].T)  # tied: trained with --train-embeddings
         else:
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
