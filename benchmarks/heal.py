@@ -92,13 +92,15 @@ def step_seconds(compressed: str, teacher: str, args, method: str) -> tuple[floa
     return steady, max(0.0, times[0] + times[1] - 2 * steady)
 
 
-def recorded_args(args) -> dict:
-    """The run's arguments as its record keeps them: a ``--compressed`` directory as the command that makes one
-    (a path of the machine that ran it means nothing elsewhere)."""
-    fields = dict(vars(args))
+def record(args, fields: dict) -> None:
+    """Write ``fields`` with the run's arguments into ``--json`` (under ``--key`` if given) and say where. A
+    ``--compressed`` directory is recorded as the command that makes one (a path of the machine that ran it means
+    nothing elsewhere)."""
+    recorded = dict(vars(args))
     if args.compressed is not None:
-        fields["compressed"] = f"DIR (modegpt compress --model {args.model} --ratio {args.ratio} --output DIR)"
-    return fields
+        recorded["compressed"] = f"DIR (modegpt compress --model {args.model} --ratio {args.ratio} --output DIR)"
+    out = update_results(args.json, {"args": recorded, **fields}, args.key)
+    print(f"written to {out}" + (f" (key {args.key!r})" if args.key else ""))
 
 
 def main() -> None:
@@ -143,8 +145,7 @@ def main() -> None:
                            "tokens_per_second": args.batch_size * args.seqlen / seconds})
             print(f"{method}: {seconds:.2f} s a step (median of steps 3-{PROBE_STEPS}), "
                   f"{probes[-1]['tokens_per_second']:.0f} tokens/s, compilation {compile_seconds:.1f} s", flush=True)
-        out = update_results(args.json, {"args": recorded_args(args), "probes": probes}, args.key)
-        print(f"written to {out}" + (f" (key {args.key!r})" if args.key else ""))
+        record(args, {"probes": probes})
         return
     rows = [] if args.no_baselines else [
         {"model": "dense", "heldout_perplexity": held_out(args.model, args.seqlen, args.heldout_windows),
@@ -194,8 +195,7 @@ def main() -> None:
         tps = "-" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:.0f}"
         print(f"{r['model']:36} {r.get('steps', '-'):>6} {r.get('tokens', '-'):>9} {tps:>7} "
               f"{r['heldout_perplexity']:13.2f} {acc:>6}")
-    out = update_results(args.json, {"args": recorded_args(args), "rows": rows}, args.key)
-    print(f"written to {out}" + (f" (key {args.key!r})" if args.key else ""))
+    record(args, {"rows": rows})
 
 
 if __name__ == "__main__":
